@@ -1,0 +1,40 @@
+"""Attention kernels: pure functions with the ``jax.nn`` / ``flax`` layout, and a registry.
+
+Layout: ``query [batch..., q_len, heads, head_dim]``, ``key/value [batch..., kv_len,
+kv_heads, head_dim]``; boolean masks (True = attend) and additive biases broadcast to
+``[batch..., heads, q_len, kv_len]``. Select kernels by name with :func:`get`.
+"""
+
+from attn_jax.kernels.additive import additive_attention
+from attn_jax.kernels.checks import AttentionInputError
+from attn_jax.kernels.dot_product import dot_product_attention
+from attn_jax.kernels.flax_adapter import flax_attention_fn
+from attn_jax.kernels.multiplicative import multiplicative_attention
+from attn_jax.kernels.pooling import attention_pooling
+from attn_jax.kernels.registry import (
+    Capabilities,
+    KernelSpec,
+    available,
+    capabilities,
+    get,
+    register,
+    spec,
+    unregister,
+)
+
+__all__ = [
+    "AttentionInputError",
+    "Capabilities",
+    "KernelSpec",
+    "additive_attention",
+    "attention_pooling",
+    "available",
+    "capabilities",
+    "dot_product_attention",
+    "flax_attention_fn",
+    "get",
+    "multiplicative_attention",
+    "register",
+    "spec",
+    "unregister",
+]

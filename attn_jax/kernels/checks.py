@@ -1,0 +1,140 @@
+"""Argument checks shared by the kernels' public boundaries.
+
+Every failure raises :class:`AttentionInputError` whose message starts with the name of
+the offending argument. Shape checks go through chex so the usual chex tooling applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "AttentionInputError",
+    "check_broadcastable",
+    "check_lengths",
+    "check_qkv",
+    "check_rank_at_least",
+    "normalize_window",
+]
+
+
+class AttentionInputError(ValueError, AssertionError):
+    """Invalid argument to an attention kernel.
+
+    A ``ValueError`` (a bad argument value) that is also an ``AssertionError`` (what chex
+    assertions raise), so callers may catch either.
+    """
+
+
+def _fail(argument: str, message: str) -> None:
+    raise AttentionInputError(f"argument {argument!r}: {message}")
+
+
+def check_rank_at_least(x: jax.Array, rank: int, argument: str, layout: str) -> None:
+    """Asserts ``x.ndim >= rank``; ``layout`` documents the expected axes."""
+    try:
+        chex.assert_rank(x, set(range(rank, max(rank, x.ndim) + 1)))
+    except AssertionError:
+        _fail(argument, f"expected layout {layout} (rank >= {rank}), got shape {x.shape}")
+
+
+def check_floating(x: jax.Array, argument: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        _fail(argument, f"expected a floating-point array, got dtype {x.dtype}")
+
+
+def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array) -> None:
+    """Checks the ``[batch..., len, heads, head_dim]`` layout shared by the kernels.
+
+    query: ``[batch..., q_len, heads, head_dim]``; key: ``[batch..., kv_len, kv_heads,
+    head_dim]``; value: ``[batch..., kv_len, kv_heads, v_head_dim]``; ``heads`` must be a
+    multiple of ``kv_heads``.
+    """
+    check_rank_at_least(query, 3, "query", "[batch..., q_len, heads, head_dim]")
+    check_rank_at_least(key, 3, "key", "[batch..., kv_len, kv_heads, head_dim]")
+    check_rank_at_least(value, 3, "value", "[batch..., kv_len, kv_heads, v_head_dim]")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        check_floating(x, name)
+    try:
+        chex.assert_equal_rank([query, key, value])
+    except AssertionError:
+        _fail(
+            "key",
+            f"query, key and value must have the same rank, got shapes {query.shape}, "
+            f"{key.shape}, {value.shape}",
+        )
+    try:
+        chex.assert_equal_shape_prefix([query, key, value], query.ndim - 3)
+    except AssertionError:
+        _fail(
+            "key",
+            f"batch dimensions of query {query.shape[:-3]}, key {key.shape[:-3]} and value "
+            f"{value.shape[:-3]} must be equal",
+        )
+    if key.shape[-1] != query.shape[-1]:
+        _fail("key", f"head_dim {key.shape[-1]} does not match query head_dim {query.shape[-1]}")
+    if value.shape[-3] != key.shape[-3]:
+        _fail("value", f"kv_len {value.shape[-3]} does not match key kv_len {key.shape[-3]}")
+    if value.shape[-2] != key.shape[-2]:
+        _fail("value", f"kv_heads {value.shape[-2]} does not match key kv_heads {key.shape[-2]}")
+    heads, kv_heads = query.shape[-2], key.shape[-2]
+    if kv_heads == 0 or heads % kv_heads:
+        _fail(
+            "key",
+            f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})",
+        )
+
+
+def check_broadcastable(
+    x: jax.Array | None, target: Sequence[int], argument: str, *, boolean: bool = False
+) -> None:
+    """Asserts ``x`` broadcasts to ``target`` without enlarging it."""
+    if x is None:
+        return
+    if boolean and x.dtype != jnp.bool_:
+        _fail(argument, f"expected a boolean array (True = may attend), got dtype {x.dtype}")
+    if not boolean:
+        check_floating(x, argument)
+    target = tuple(target)
+    try:
+        ok = np.broadcast_shapes(tuple(x.shape), target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        _fail(argument, f"shape {x.shape} does not broadcast to {target}")
+
+
+def check_lengths(lengths: jax.Array | None, batch_shape: Sequence[int], argument: str) -> None:
+    """Asserts ``lengths`` is an integer array broadcastable to ``batch_shape``."""
+    if lengths is None:
+        return
+    if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
+        _fail(argument, f"expected an integer array, got dtype {jnp.asarray(lengths).dtype}")
+    check_shape = tuple(jnp.shape(lengths))
+    try:
+        ok = np.broadcast_shapes(check_shape, tuple(batch_shape)) == tuple(batch_shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        _fail(argument, f"shape {check_shape} does not broadcast to batch shape {batch_shape}")
+
+
+def normalize_window(local_window_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``int`` or ``(left, right)`` non-negative ints -> ``(left, right)``; ``None`` stays."""
+    if local_window_size is None:
+        return None
+    if isinstance(local_window_size, int | np.integer):
+        window = (int(local_window_size), int(local_window_size))
+    else:
+        window = tuple(local_window_size)
+        if len(window) != 2 or not all(isinstance(w, int | np.integer) for w in window):
+            _fail("local_window_size", f"expected int or (left, right), got {local_window_size}")
+        window = (int(window[0]), int(window[1]))
+    if min(window) < 0:
+        _fail("local_window_size", f"window sizes must be >= 0, got {window}")
+    return window

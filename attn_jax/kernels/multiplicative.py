@@ -1,0 +1,126 @@
+"""Multiplicative (Luong) attention with the ``dot`` and ``general`` scores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attn_jax.kernels import checks, softmax_core
+from attn_jax.kernels.dot_product import prepare_softmax_inputs
+from attn_jax.kernels.registry import Capabilities, register
+
+__all__ = ["SCORES", "multiplicative_attention"]
+
+SCORES = ("dot", "general")
+
+
+def _project_query(query: jax.Array, weight: jax.Array, precision: Any) -> jax.Array:
+    """``q W``: ``[batch..., q_len, heads, d_q]`` x ``[heads, d_q, d_k]`` -> ``[..., d_k]``."""
+    heads, d_q = query.shape[-2], query.shape[-1]
+    if weight.ndim == 2:
+        weight = jnp.broadcast_to(weight, (heads, *weight.shape))
+    if weight.ndim != 3 or weight.shape[:2] != (heads, d_q):
+        raise checks.AttentionInputError(
+            f"argument 'weight': expected shape ({heads}, {d_q}, d_k) or ({d_q}, d_k), "
+            f"got {weight.shape}"
+        )
+    return jnp.einsum("...qhd,hde->...qhe", query, weight.astype(query.dtype), precision=precision)
+
+
+@register(
+    "multiplicative",
+    capabilities=Capabilities(
+        mask=True,
+        bias=True,
+        causal=True,
+        window=True,
+        seq_lengths=True,
+        dropout=True,
+        gqa=True,
+        weights=True,
+        residual=True,
+        interface="multiplicative",
+    ),
+)
+def multiplicative_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    score: str = "dot",
+    weight: jax.Array | None = None,
+    scale: float = 1.0,
+    is_causal: bool = False,
+    local_window_size: int | Sequence[int] | None = None,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    broadcast_dropout: bool = False,
+    dtype: Any = None,
+    precision: Any = None,
+    return_weights: bool = False,
+    return_residual: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
+    """Luong et al. (2015) attention: ``dot`` = ``q . k``, ``general`` = ``q^T W k``.
+
+    Unlike :func:`attn_jax.kernels.dot_product_attention`, the logits are not scaled
+    (``scale=1.0``), as in Luong's paper.
+
+    Args:
+      query: ``[batch..., q_len, heads, d_q]`` decoder states.
+      key: ``[batch..., kv_len, kv_heads, d_k]`` encoder states (``d_q == d_k`` for ``dot``).
+      value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
+      score: ``"dot"`` or ``"general"``.
+      weight: ``general`` only: ``[heads, d_q, d_k]`` (or ``[d_q, d_k]`` shared).
+      scale: multiplies the logits (default 1.0).
+      bias, mask, ...: as in :func:`attn_jax.kernels.dot_product_attention`.
+
+    Returns:
+      ``[batch..., q_len, heads, v_head_dim]``; weights / residual when requested.
+    """
+    if score not in SCORES:
+        raise checks.AttentionInputError(
+            f"argument 'score': expected one of {SCORES}, got {score!r}"
+        )
+    if score == "general":
+        if weight is None:
+            raise checks.AttentionInputError("argument 'weight': required for score='general'")
+        checks.check_rank_at_least(query, 3, "query", "[batch..., q_len, heads, d_q]")
+        query = _project_query(jnp.asarray(query), jnp.asarray(weight), precision)
+    elif weight is not None:
+        raise checks.AttentionInputError(
+            "argument 'weight': only used by score='general' (got score='dot')"
+        )
+    query, key, value, bias, combined, out_dtype = prepare_softmax_inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        is_causal=is_causal,
+        local_window_size=local_window_size,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        dropout_rate=dropout_rate,
+        dtype=dtype,
+    )
+    logits = softmax_core.dot_logits(query, key, scale, precision)
+    return softmax_core.attend(
+        logits,
+        value,
+        bias=bias,
+        mask=combined,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        broadcast_dropout=broadcast_dropout,
+        out_dtype=out_dtype,
+        precision=precision,
+        return_weights=return_weights,
+        return_residual=return_residual,
+    )

@@ -1,0 +1,333 @@
+"""Float64 NumPy reference implementations with hand-derived gradients (tests and docs only).
+
+Written for clarity, not speed, and independent of the kernels: masks are built straight
+from their definitions, key/value heads are repeated explicitly for GQA, the softmax skips
+masked entries instead of filling them, and gradients come from the textbook backward
+formulas rather than autodiff. Every function takes arrays of any float dtype (they are
+upcast to float64) and an optional output cotangent ``d_out``; with it, it also returns the
+gradients of ``sum(output * d_out)``.
+
+Softmax attention backward, per head (``P`` = weights, ``S`` = logits)::
+
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dP * P)),   dBias = dS
+    dot product:   dQ = scale dS K,   dK = scale dS^T Q
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "additive_attention",
+    "attention_pooling",
+    "dot_product_attention",
+    "full_mask",
+    "multiplicative_attention",
+    "softmax_attention",
+]
+
+
+def f64(x: Any) -> np.ndarray | None:
+    """Any array (jax, numpy, bfloat16, ...) -> float64 NumPy array; ``None`` stays."""
+    return None if x is None else np.asarray(x).astype(np.float64)
+
+
+def full_mask(
+    batch_shape: Sequence[int],
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    *,
+    mask: Any = None,
+    is_causal: bool = False,
+    local_window_size: int | Sequence[int] | None = None,
+    query_seq_lengths: Any = None,
+    key_value_seq_lengths: Any = None,
+) -> np.ndarray:
+    """Boolean ``[batch..., heads, q_len, kv_len]``: which key each query may attend to.
+
+    Query ``i`` sits at key position ``i + kv_len - q_len`` (bottom-right alignment).
+    """
+    shape = (*batch_shape, heads, q_len, kv_len)
+    allowed = np.ones(shape, bool)
+    if mask is not None:
+        allowed &= np.broadcast_to(np.asarray(mask, bool), shape)
+    i = np.arange(q_len)[:, None] + (kv_len - q_len)
+    j = np.arange(kv_len)[None, :]
+    if is_causal:
+        allowed &= j <= i
+    if local_window_size is not None:
+        if isinstance(local_window_size, int | np.integer):
+            left = right = int(local_window_size)
+        else:
+            left, right = local_window_size
+        allowed &= (j >= i - left) & (j <= i + right)
+    if query_seq_lengths is not None:
+        q_lens = np.broadcast_to(np.asarray(query_seq_lengths), tuple(batch_shape))
+        rows = np.arange(q_len) < q_lens[..., None]  # [batch..., q_len]
+        allowed &= rows[..., None, :, None]
+    if key_value_seq_lengths is not None:
+        kv_lens = np.broadcast_to(np.asarray(key_value_seq_lengths), tuple(batch_shape))
+        cols = np.arange(kv_len) < kv_lens[..., None]  # [batch..., kv_len]
+        allowed &= cols[..., None, None, :]
+    return allowed
+
+
+def _repeat_kv(x: np.ndarray, heads: int) -> np.ndarray:
+    """``[..., kv_len, kv_heads, d]`` -> ``[..., kv_len, heads, d]``: head h uses h // G."""
+    return np.repeat(x, heads // x.shape[-2], axis=-2)
+
+
+def _sum_groups(grad: np.ndarray, kv_heads: int) -> np.ndarray:
+    """Inverse of :func:`_repeat_kv` for gradients: sum the query heads of each group."""
+    *lead, heads, d = grad.shape
+    return grad.reshape(*lead, kv_heads, heads // kv_heads, d).sum(-2)
+
+
+def _unbroadcast(grad: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Sums ``grad`` down to ``shape`` (the shape of a broadcast input)."""
+    while grad.ndim > len(shape):
+        grad = grad.sum(0)
+    for axis, size in enumerate(shape):
+        if size == 1 and grad.shape[axis] != 1:
+            grad = grad.sum(axis, keepdims=True)
+    return grad
+
+
+def softmax_attention(
+    logits: np.ndarray,
+    value: np.ndarray,
+    allowed: np.ndarray,
+    d_out: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Softmax over visible keys and the weighted sum of values, with its backward.
+
+    Args:
+      logits: ``[batch..., heads, q_len, kv_len]`` (bias already added).
+      value: ``[batch..., kv_len, kv_heads, v_dim]``.
+      allowed: boolean, same shape as ``logits``.
+      d_out: ``[batch..., q_len, heads, v_dim]`` output cotangent.
+
+    Returns:
+      ``out``, ``weights``, ``lse`` (``[batch..., q_len, heads]``, ``-inf`` for empty rows),
+      and with ``d_out``: ``d_logits`` and ``d_value``.
+    """
+    heads, kv_heads = logits.shape[-3], value.shape[-2]
+    visible_logits = np.where(allowed, logits, -np.inf)
+    any_visible = allowed.any(-1, keepdims=True)
+    row_max = np.where(any_visible, visible_logits.max(-1, keepdims=True, initial=-np.inf), 0.0)
+    exp = np.where(allowed, np.exp(np.where(allowed, logits - row_max, 0.0)), 0.0)
+    total = exp.sum(-1, keepdims=True)
+    weights = exp / np.where(any_visible, total, 1.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(any_visible, row_max + np.log(np.where(any_visible, total, 1.0)), -np.inf)
+    values = _repeat_kv(value, heads)  # [batch..., kv_len, heads, v_dim]
+    out = np.einsum("...hqk,...khd->...qhd", weights, values)
+    result = {"out": out, "weights": weights, "lse": np.moveaxis(lse[..., 0], -2, -1)}
+    if d_out is not None:
+        d_weights = np.einsum("...qhd,...khd->...hqk", d_out, values)
+        d_logits = weights * (d_weights - (d_weights * weights).sum(-1, keepdims=True))
+        d_values = np.einsum("...hqk,...qhd->...khd", weights, d_out)
+        result.update(d_logits=d_logits, d_value=_sum_groups(d_values, kv_heads))
+    return result
+
+
+def _allowed(query_shape, kv_len, mask_kwargs) -> np.ndarray:
+    *batch, q_len, heads, _ = query_shape
+    return full_mask(batch, heads, q_len, kv_len, **mask_kwargs)
+
+
+def _outputs(res: dict[str, np.ndarray], return_weights: bool, return_residual: bool):
+    extras = [res["weights"]] if return_weights else []
+    if return_residual:
+        extras.append(res["lse"])
+    return (res["out"], *extras) if extras else res["out"]
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale=None,
+    d_out=None,
+    return_weights=False,
+    return_residual=False,
+    **mask_kwargs,
+):
+    """Reference for :func:`attn_jax.kernels.dot_product_attention` (no dropout).
+
+    Returns the outputs as the kernel does; with ``d_out``, returns ``(outputs, grads)``
+    where ``grads`` is a dict with ``query``, ``key``, ``value`` and ``bias`` (if given).
+    """
+    q, k, v, b = f64(query), f64(key), f64(value), f64(bias)
+    heads = q.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    keys = _repeat_kv(k, heads)
+    logits = np.einsum("...qhd,...khd->...hqk", q, keys) * scale
+    if b is not None:
+        logits = logits + b
+    allowed = _allowed(q.shape, k.shape[-3], {"mask": mask, **mask_kwargs})
+    res = softmax_attention(logits, v, allowed, f64(d_out))
+    outputs = _outputs(res, return_weights, return_residual)
+    if d_out is None:
+        return outputs
+    ds = res["d_logits"]
+    grads = {
+        "query": scale * np.einsum("...hqk,...khd->...qhd", ds, keys),
+        "key": _sum_groups(scale * np.einsum("...hqk,...qhd->...khd", ds, q), k.shape[-2]),
+        "value": res["d_value"],
+        "bias": None if b is None else _unbroadcast(ds, b.shape),
+    }
+    return outputs, grads
+
+
+def additive_attention(
+    query,
+    key,
+    value,
+    v,
+    bias=None,
+    mask=None,
+    *,
+    d_out=None,
+    return_weights=False,
+    return_residual=False,
+    **mask_kwargs,
+):
+    """Reference for :func:`attn_jax.kernels.additive_attention`; grads include ``v``."""
+    q, k, val, vv, b = f64(query), f64(key), f64(value), f64(v), f64(bias)
+    heads, units = q.shape[-2:]
+    keys = _repeat_kv(k, heads)
+    v_full = np.broadcast_to(vv, (heads, units))
+    hidden = np.tanh(q[..., :, None, :, :] + keys[..., None, :, :, :])  # [..., q, k, h, u]
+    logits = np.einsum("...qkhu,hu->...hqk", hidden, v_full)
+    if b is not None:
+        logits = logits + b
+    allowed = _allowed(q.shape, k.shape[-3], {"mask": mask, **mask_kwargs})
+    res = softmax_attention(logits, val, allowed, f64(d_out))
+    outputs = _outputs(res, return_weights, return_residual)
+    if d_out is None:
+        return outputs
+    ds = res["d_logits"]
+    d_pre = np.einsum("...hqk,hu->...qkhu", ds, v_full) * (1.0 - hidden**2)
+    d_v = np.einsum("...hqk,...qkhu->hu", ds, hidden)
+    grads = {
+        "query": d_pre.sum(-3),
+        "key": _sum_groups(d_pre.sum(-4), k.shape[-2]),
+        "value": res["d_value"],
+        "v": _unbroadcast(d_v, vv.shape),
+        "bias": None if b is None else _unbroadcast(ds, b.shape),
+    }
+    return outputs, grads
+
+
+def multiplicative_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    score="dot",
+    weight=None,
+    scale=1.0,
+    d_out=None,
+    return_weights=False,
+    return_residual=False,
+    **mask_kwargs,
+):
+    """Reference for :func:`attn_jax.kernels.multiplicative_attention`; grads include
+    ``weight`` for ``score="general"``."""
+    q, w = f64(query), f64(weight)
+    heads = q.shape[-2]
+    if score == "general":
+        w_full = np.broadcast_to(w, (heads, *w.shape[-2:]))
+        projected = np.einsum("...qhd,hde->...qhe", q, w_full)
+    else:
+        projected = q
+    result = dot_product_attention(
+        projected,
+        key,
+        value,
+        bias,
+        mask,
+        scale=scale,
+        d_out=d_out,
+        return_weights=return_weights,
+        return_residual=return_residual,
+        **mask_kwargs,
+    )
+    if d_out is None:
+        return result
+    outputs, grads = result
+    if score == "general":
+        d_proj = grads["query"]
+        grads["query"] = np.einsum("...qhe,hde->...qhd", d_proj, w_full)
+        grads["weight"] = _unbroadcast(np.einsum("...qhd,...qhe->hde", q, d_proj), w.shape)
+    return outputs, grads
+
+
+def attention_pooling(
+    value,
+    *,
+    query=None,
+    key=None,
+    scores=None,
+    mask=None,
+    lengths=None,
+    scale=None,
+    d_out=None,
+    return_weights=False,
+):
+    """Reference for :func:`attn_jax.kernels.attention_pooling`; grads for ``value``,
+    ``query``/``key`` or ``scores``."""
+    val = f64(value)
+    batch, length = val.shape[:-3], val.shape[-3]
+    valid = np.ones((*batch, length), bool)
+    if mask is not None:
+        valid &= np.asarray(mask, bool)
+    if lengths is not None:
+        valid &= np.arange(length) < np.asarray(lengths)[..., None]
+    d_out64 = None if d_out is None else f64(d_out)[..., None, :, :]  # add q_len = 1
+    if scores is not None:
+        s = f64(scores)
+        heads = s.shape[-1]
+        logits = np.moveaxis(s, -1, -2)[..., None, :]  # [batch..., heads, 1, length]
+        allowed = np.broadcast_to(valid[..., None, None, :], logits.shape)
+        res = softmax_attention(logits, val, allowed, d_out64)
+        grads = (
+            None
+            if d_out is None
+            else {
+                "value": res["d_value"],
+                "scores": np.moveaxis(res["d_logits"][..., 0, :], -2, -1),
+            }
+        )
+    else:
+        q = f64(query)
+        heads, dim = q.shape[-2:]
+        queries = np.broadcast_to(q, (*batch, heads, dim))[..., None, :, :]
+        keyed = val if key is None else f64(key)
+        allowed = np.broadcast_to(valid[..., None, None, :], (*batch, heads, 1, length))
+        out = dot_product_attention(
+            queries, keyed, val, mask=allowed, scale=scale, d_out=d_out64, return_weights=True
+        )
+        (o, w), g = out if d_out is not None else (out, None)
+        res = {"out": o, "weights": w}
+        grads = None
+        if g is not None:
+            grads = {"query": _unbroadcast(g["query"][..., 0, :, :], q.shape)}
+            if key is None:
+                grads["value"] = g["value"] + g["key"]
+            else:
+                grads["value"], grads["key"] = g["value"], g["key"]
+    out, weights = res["out"][..., 0, :, :], res["weights"][..., 0, :]
+    outputs = (out, weights) if return_weights else out
+    return outputs if d_out is None else (outputs, grads)

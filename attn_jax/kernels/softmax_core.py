@@ -1,0 +1,188 @@
+"""The shared back half of every exact softmax kernel: logits -> weights -> output.
+
+Scoring functions (dot product, additive, multiplicative) produce float32 logits
+``[batch..., heads, q_len, kv_len]``; :func:`attend` applies bias, masks, the float32
+softmax, dropout and the weighted sum of values, with the conventions of DESIGN.md:
+fully-masked query rows give zeros (output and weights) and finite gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn_jax import masks
+from attn_jax.kernels import checks
+
+# Large finite negative fill for masked logits (float32 softmax; -inf would give NaN rows,
+# finfo.min could overflow to -inf after subtracting the row maximum).
+MASK_VALUE = float(-0.7 * np.finfo(np.float32).max)
+
+
+def group_query_heads(query: jax.Array, kv_heads: int) -> jax.Array:
+    """``[..., q_len, heads, d]`` -> ``[..., q_len, kv_heads, heads // kv_heads, d]``.
+
+    Query head ``h`` lands in group ``h // (heads // kv_heads)``, matching GQA's convention.
+    """
+    *lead, heads, dim = query.shape
+    return query.reshape(*lead, kv_heads, heads // kv_heads, dim)
+
+
+def dot_logits(query: jax.Array, key: jax.Array, scale: float, precision: Any = None) -> jax.Array:
+    """Scaled ``q . k`` logits in float32.
+
+    Args:
+      query: ``[batch..., q_len, heads, d]``.
+      key: ``[batch..., kv_len, kv_heads, d]``.
+
+    Returns:
+      ``[batch..., heads, q_len, kv_len]`` float32.
+    """
+    grouped = group_query_heads(query, key.shape[-2])
+    logits = jnp.einsum(
+        "...qhgd,...khd->...hgqk",
+        grouped,
+        key,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    logits = logits.reshape(*logits.shape[:-4], -1, *logits.shape[-2:])
+    return logits * jnp.float32(scale)
+
+
+def build_mask(
+    mask: jax.Array | None,
+    *,
+    q_len: int,
+    kv_len: int,
+    is_causal: bool = False,
+    local_window_size: tuple[int, int] | None = None,
+    query_seq_lengths: jax.Array | None = None,
+    key_value_seq_lengths: jax.Array | None = None,
+) -> jax.Array | None:
+    """Combines the user mask with causal, window and padding masks (bottom-right aligned).
+
+    Returns a boolean array broadcastable to ``[batch..., heads, q_len, kv_len]``, or
+    ``None`` when nothing is masked.
+    """
+    padding = None
+    if query_seq_lengths is not None or key_value_seq_lengths is not None:
+        padding = masks.padding_mask(
+            query_seq_lengths, key_value_seq_lengths, q_len=q_len, kv_len=kv_len
+        )
+    return masks.combine_masks(
+        mask,
+        masks.causal_mask(q_len, kv_len) if is_causal else None,
+        masks.window_mask(q_len, kv_len, *local_window_size) if local_window_size else None,
+        padding,
+    )
+
+
+def dropout_weights(
+    weights: jax.Array,
+    rate: float,
+    rng: jax.Array | None,
+    *,
+    broadcast_batch_dims: int = 0,
+) -> jax.Array:
+    """Inverted dropout on attention weights ``[batch..., heads, q_len, kv_len]``.
+
+    ``broadcast_batch_dims`` leading axes share one dropout pattern (flax's
+    ``broadcast_dropout``).
+    """
+    if rng is None:
+        raise checks.AttentionInputError(
+            "argument 'dropout_rng': a jax.random key is required when dropout_rate > 0"
+        )
+    shape = (1,) * broadcast_batch_dims + weights.shape[broadcast_batch_dims:]
+    keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
+
+
+def check_dropout_rate(rate: float) -> None:
+    if not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+        raise checks.AttentionInputError(
+            f"argument 'dropout_rate': expected a Python float in [0, 1), got {rate!r}"
+        )
+
+
+def attend(
+    logits: jax.Array,
+    value: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    broadcast_dropout: bool = False,
+    out_dtype: Any = None,
+    precision: Any = None,
+    return_weights: bool = False,
+    return_residual: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
+    """Masked float32 softmax over keys, dropout, and the weighted sum of values.
+
+    Args:
+      logits: ``[batch..., heads, q_len, kv_len]`` float32 scores.
+      value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
+      bias: additive, broadcastable to ``logits``.
+      mask: boolean, broadcastable to ``logits``; ``True`` = may attend.
+      dropout_rate, dropout_rng, broadcast_dropout: inverted dropout on the weights.
+      out_dtype: dtype of the output (default: ``value.dtype``).
+      return_weights: also return the (post-dropout) weights, float32.
+      return_residual: also return the log-sum-exp ``[batch..., q_len, heads]``, float32
+        (a large finite negative for fully-masked rows).
+
+    Returns:
+      ``[batch..., q_len, heads, v_head_dim]`` output, followed by the weights and/or the
+      residual when asked for.
+    """
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, MASK_VALUE)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(logits - row_max)
+    row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    weights = unnormalized / row_sum
+    lse = row_max + jnp.log(row_sum)
+    if mask is not None:
+        visible = jnp.any(mask, axis=-1, keepdims=True)
+        weights = jnp.where(visible, weights, 0.0)
+        lse = jnp.where(visible, lse, MASK_VALUE)
+    if dropout_rate > 0.0:
+        batch_dims = weights.ndim - 3 if broadcast_dropout else 0
+        weights = dropout_weights(
+            weights, dropout_rate, dropout_rng, broadcast_batch_dims=batch_dims
+        )
+
+    kv_heads = value.shape[-2]
+    grouped = weights.reshape(*weights.shape[:-3], kv_heads, -1, *weights.shape[-2:])
+    out = jnp.einsum(
+        "...hgqk,...khd->...qhgd",
+        grouped.astype(value.dtype),
+        value,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    out = out.reshape(*out.shape[:-3], -1, out.shape[-1])
+    out = out.astype(value.dtype if out_dtype is None else out_dtype)
+
+    extras: list[jax.Array] = []
+    if return_weights:
+        extras.append(weights)
+    if return_residual:
+        extras.append(jnp.moveaxis(lse[..., 0], -2, -1))
+    return (out, *extras) if extras else out
+
+
+def logits_shape(
+    batch_shape: Sequence[int], heads: int, q_len: int, kv_len: int
+) -> tuple[int, ...]:
+    """``[batch..., heads, q_len, kv_len]`` as a tuple."""
+    return (*batch_shape, heads, q_len, kv_len)

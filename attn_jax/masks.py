@@ -1,0 +1,101 @@
+"""Boolean attention masks. ``True`` means "may attend".
+
+Masks broadcast against attention logits ``[batch..., heads, q_len, kv_len]``. Positional
+masks (causal, window) are aligned **bottom-right**: query ``i`` of ``q_len`` sits at key
+position ``i + (kv_len - q_len)``, which is what decoding with a KV cache needs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "causal_mask",
+    "combine_masks",
+    "lengths_to_mask",
+    "padding_mask",
+    "segment_mask",
+    "window_mask",
+]
+
+
+def _relative_positions(q_len: int, kv_len: int, offset: int | None) -> jax.Array:
+    """``[q_len, kv_len]`` int array ``j - (i + offset)``; offset defaults to bottom-right."""
+    if offset is None:
+        offset = kv_len - q_len
+    query_pos = jnp.arange(q_len)[:, None] + offset
+    key_pos = jnp.arange(kv_len)[None, :]
+    return key_pos - query_pos
+
+
+def causal_mask(q_len: int, kv_len: int, *, offset: int | None = None) -> jax.Array:
+    """``[q_len, kv_len]`` mask: query ``i`` sees keys ``j <= i + offset``.
+
+    ``offset`` defaults to ``kv_len - q_len`` (bottom-right alignment); ``offset=0`` gives
+    flax's top-left alignment.
+    """
+    return _relative_positions(q_len, kv_len, offset) <= 0
+
+
+def window_mask(
+    q_len: int, kv_len: int, left: int, right: int, *, offset: int | None = None
+) -> jax.Array:
+    """``[q_len, kv_len]`` mask: query ``i`` sees keys ``i + offset - left <= j <= i + offset
+    + right`` (bottom-right alignment by default, like :func:`causal_mask`)."""
+    rel = _relative_positions(q_len, kv_len, offset)
+    return (rel >= -left) & (rel <= right)
+
+
+def lengths_to_mask(lengths: jax.Array, max_len: int) -> jax.Array:
+    """``lengths [batch...]`` -> ``[batch..., max_len]`` mask, ``True`` at positions < length."""
+    return jnp.arange(max_len) < jnp.asarray(lengths)[..., None]
+
+
+def padding_mask(
+    query_lengths: jax.Array | None,
+    key_lengths: jax.Array | None,
+    *,
+    q_len: int,
+    kv_len: int,
+) -> jax.Array:
+    """``[batch..., 1, q_len, kv_len]`` mask from per-example valid lengths ``[batch...]``.
+
+    Either length may be ``None`` (all positions valid on that side).
+    """
+    q_valid = (
+        jnp.ones((q_len,), bool) if query_lengths is None else lengths_to_mask(query_lengths, q_len)
+    )
+    k_valid = (
+        jnp.ones((kv_len,), bool) if key_lengths is None else lengths_to_mask(key_lengths, kv_len)
+    )
+    return (q_valid[..., :, None] & k_valid[..., None, :])[..., None, :, :]
+
+
+def segment_mask(
+    query_segment_ids: jax.Array, key_segment_ids: jax.Array | None = None
+) -> jax.Array:
+    """``[batch..., 1, q_len, kv_len]`` mask: tokens attend within their own segment.
+
+    Args:
+      query_segment_ids: ``[batch..., q_len]`` integer segment ids.
+      key_segment_ids: ``[batch..., kv_len]``; defaults to ``query_segment_ids``.
+    """
+    if key_segment_ids is None:
+        key_segment_ids = query_segment_ids
+    same = query_segment_ids[..., :, None] == key_segment_ids[..., None, :]
+    return same[..., None, :, :]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Logical AND of the given masks with broadcasting; ``None`` entries are skipped.
+
+    Returns ``None`` when every mask is ``None``.
+    """
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0].astype(bool)
+    for m in present[1:]:
+        out = jnp.logical_and(out, m)
+    return out

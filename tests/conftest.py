@@ -1,0 +1,48 @@
+"""Test configuration: simulated CPU devices, hypothesis profile, third-party kernels.
+
+``XLA_FLAGS`` must be set before jax is imported, so it is done here, at the very top.
+Set ``ATTN_JAX_KERNEL_MODULES=pkg.mod1,pkg.mod2`` to import modules that register extra
+kernels: the conformance suite then checks them too.
+"""
+
+import importlib
+import os
+
+# 8 simulated CPU devices for pmap / shard_map tests; a cheaper LLVM pipeline because the
+# suite compiles hundreds of tiny programs and never times them.
+_FLAGS = {
+    "xla_force_host_platform_device_count": "8",
+    "xla_backend_optimization_level": "0",
+    "xla_llvm_disable_expensive_passes": "true",
+}
+_existing = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+    [_existing] + [f"--{k}={v}" for k, v in _FLAGS.items() if k not in _existing]
+).strip()
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("explore", deadline=None, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+for _module in filter(None, os.environ.get("ATTN_JAX_KERNEL_MODULES", "").split(",")):
+    importlib.import_module(_module.strip())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints the largest kernel error per dtype seen by the conformance suite."""
+    from tests.kernels.conformance import MAX_ERRORS
+
+    if MAX_ERRORS:
+        terminalreporter.write_sep("-", "largest error vs float64 reference (this process)")
+        for dtype, errs in MAX_ERRORS.items():
+            terminalreporter.write_line(
+                f"{dtype}: forward {errs['forward']:.3g}, gradient {errs['grad']:.3g}"
+            )

@@ -1,0 +1,254 @@
+"""Conformance suite: every exact ``dot_product`` kernel in the registry, no edits needed.
+
+A kernel registered later (in attn_jax, or by a module named in
+``ATTN_JAX_KERNEL_MODULES``) is collected here automatically.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from jax.sharding import Mesh, PartitionSpec
+
+from attn_jax import kernels
+from attn_jax.kernels import reference as ref
+from tests.kernels import conformance as cf
+
+EXACT = kernels.available(interface="dot_product", exact=True)
+
+
+def _caps(name):
+    return kernels.capabilities(name)
+
+
+@pytest.mark.parametrize("dtype", cf.DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", cf.CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("name", EXACT)
+def test_values_and_gradients_match_float64_reference(name, case, dtype):
+    kernel, caps = kernels.get(name), _caps(name)
+    missing = case.needs() - set(caps.supported())
+    if missing:
+        cf.check_unsupported_raises(kernel, case, caps)
+        return
+    cf.check_against_reference(kernel, case, dtype)
+
+
+WEIGHT_CASES = [
+    c for c in cf.CASES if c.name in ("random_mask", "fully_masked_rows", "gqa", "causal_q_gt_kv")
+]
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("name", EXACT)
+def test_returned_weights(name, case):
+    caps = _caps(name)
+    if not caps.weights:
+        with pytest.raises(ValueError, match="return_weights"):
+            (q, k, v, _), _ = cf.make_inputs(case, jnp.float32)
+            kernels.get(name)(q, k, v, return_weights=True)
+        return
+    if case.needs() - set(caps.supported()):
+        pytest.skip(f"{name} lacks {case.needs() - set(caps.supported())}")
+    cf.check_weights(kernels.get(name), case)
+
+
+def _problem(name, batch=(4,)):
+    """A masked GQA problem within the kernel's capabilities."""
+    caps = _caps(name)
+    heads, kv_heads = (4, 2) if caps.gqa else (2, 2)
+    case = cf.Case(
+        "compose",
+        batch=batch,
+        q_len=5,
+        kv_len=7,
+        heads=heads,
+        kv_heads=kv_heads,
+        is_causal=caps.causal,
+        mask="random" if caps.mask else None,
+    )
+    (q, k, v, _), kwargs = cf.make_inputs(case, jnp.float32)
+    return q, k, v, kwargs
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_composes_under_jit_vmap_and_grad(name):
+    kernel = kernels.get(name)
+    q, k, v, kwargs = _problem(name)
+    eager = kernel(q, k, v, **kwargs)
+    np.testing.assert_allclose(
+        jax.jit(functools.partial(kernel, **kwargs))(q, k, v), eager, atol=1e-6
+    )
+    # vmap over a new leading axis == the kernel's own batch dimensions.
+    mask = kwargs.pop("mask", None)
+    in_axes = (0, 0, 0) if mask is None else (0, 0, 0, 0)
+    args = (q, k, v) if mask is None else (q, k, v, mask)
+    vmapped = jax.vmap(lambda q, k, v, m=None: kernel(q, k, v, mask=m, **kwargs), in_axes)(*args)
+    np.testing.assert_allclose(vmapped, eager, atol=1e-6)
+    # grad under jit == eager grad.
+    loss = lambda q, k, v: jnp.sum(kernel(q, k, v, mask=mask, **kwargs) ** 2)
+    g_eager = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    g_jit = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g_eager, g_jit, strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_composes_under_pmap_and_shard_map(name):
+    kernel = kernels.get(name)
+    n = min(4, jax.device_count())
+    q, k, v, kwargs = _problem(name, batch=(n, 2))
+    eager = kernel(q, k, v, **kwargs)
+    mask = kwargs.pop("mask", None)
+    fn = lambda q, k, v, m: kernel(q, k, v, mask=m, **kwargs)
+    m = mask if mask is not None else jnp.ones((n, 2, 1, 1, 1), bool)
+    pmapped = jax.pmap(fn)(q, k, v, m)
+    np.testing.assert_allclose(pmapped, eager, atol=1e-6)
+    mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+    spec = PartitionSpec("data")
+    sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec))(
+        q, k, v, m
+    )
+    np.testing.assert_allclose(sharded, eager, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_dropout(name):
+    kernel, caps = kernels.get(name), _caps(name)
+    q, k, v = cf.uniform_dropout_problem()
+    rng = jax.random.key(7)
+    if not caps.dropout:
+        with pytest.raises(ValueError, match="dropout_rate"):
+            kernel(q, k, v, dropout_rate=0.1, dropout_rng=rng)
+        return
+    plain = kernel(q, k, v)
+    np.testing.assert_array_equal(kernel(q, k, v, dropout_rate=0.0, dropout_rng=rng), plain)
+    rate = 0.3
+    out = kernel(q, k, v, dropout_rate=rate, dropout_rng=rng)
+    kv_len = k.shape[-3]
+    kept = np.asarray(out) != 0
+    assert abs(kept.mean() - (1 - rate)) < 0.03, f"kept fraction {kept.mean():.3f}"
+    # Inverted dropout: kept weights are scaled by 1 / (1 - rate).
+    np.testing.assert_allclose(np.asarray(out)[kept], 1 / (kv_len * (1 - rate)), rtol=1e-5)
+    # Same key: bit-identical outputs and gradients; another key: different.
+    loss = lambda q, k, v, r: jnp.sum(jnp.sin(kernel(q, k, v, dropout_rate=rate, dropout_rng=r)))
+    g1 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, rng)
+    g2 = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, rng)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(kernel(q, k, v, dropout_rate=rate, dropout_rng=rng), out)
+    other = kernel(q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(8))
+    assert not np.array_equal(other, out)
+    with pytest.raises(ValueError, match="dropout_rng"):
+        kernel(q, k, v, dropout_rate=rate)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        kernel(q, k, v, dropout_rate=1.5, dropout_rng=rng)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_bad_input_names_the_argument(name):
+    kernel, caps = kernels.get(name), _caps(name)
+    (q, k, v, _), _ = cf.make_inputs(
+        cf.Case("bad", heads=4, kv_heads=2 if caps.gqa else 4), jnp.float32
+    )
+    with pytest.raises(ValueError, match="query"):
+        kernel(q[0, 0], k, v)  # rank 2
+    with pytest.raises(ValueError, match="key"):
+        k3 = jnp.zeros((*k.shape[:-2], 3, k.shape[-1]))
+        kernel(q, k3, k3)  # 4 query heads vs 3 kv heads
+    with pytest.raises(ValueError, match="key"):
+        kernel(q, k[..., :5], v)  # head_dim mismatch
+    with pytest.raises(ValueError, match="value"):
+        kernel(q, k, v[:, :4])  # kv_len mismatch
+    if caps.mask:
+        with pytest.raises(ValueError, match="mask"):
+            kernel(q, k, v, mask=jnp.ones((2, 1, 6, 6), jnp.float32))  # not boolean
+        with pytest.raises(ValueError, match="mask"):
+            kernel(q, k, v, mask=jnp.ones((2, 1, 5, 6), bool))  # wrong shape
+    if caps.bias:
+        with pytest.raises(ValueError, match="bias"):
+            kernel(q, k, v, bias=jnp.ones((3, 6, 6)))
+    if caps.seq_lengths:
+        with pytest.raises(ValueError, match="query_seq_lengths"):
+            kernel(q, k, v, query_seq_lengths=jnp.array([3.0, 4.0]))
+        with pytest.raises(ValueError, match="key_value_seq_lengths"):
+            kernel(q, k, v, key_value_seq_lengths=jnp.array([1, 2, 3]))
+    if caps.window:
+        with pytest.raises(ValueError, match="local_window_size"):
+            kernel(q, k, v, local_window_size=(-1, 2))
+
+
+# ----------------------------------------------------------------------------- hypothesis
+
+
+@st.composite
+def problems(draw):
+    """Random shapes, masks and options within float32."""
+    batch = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
+    q_len, kv_len = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    kv_heads = draw(st.integers(1, 3))
+    heads = kv_heads * draw(st.integers(1, 3))
+    head_dim, v_dim = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.RandomState(seed)
+    kwargs = {}
+    if draw(st.booleans()):
+        mask_shape = draw(
+            st.sampled_from([(*batch, heads, q_len, kv_len), (q_len, kv_len), (1, 1, kv_len)])
+        )
+        kwargs["mask"] = jnp.asarray(rng.rand(*mask_shape) < draw(st.sampled_from([0.2, 0.6, 0.9])))
+    if draw(st.booleans()):
+        kwargs["is_causal"] = True
+    if draw(st.booleans()):
+        kwargs["local_window_size"] = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
+    if draw(st.booleans()):
+        kwargs["query_seq_lengths"] = jnp.asarray(rng.randint(0, q_len + 1, size=batch), jnp.int32)
+    if draw(st.booleans()):
+        kwargs["key_value_seq_lengths"] = jnp.asarray(
+            rng.randint(0, kv_len + 1, size=batch), jnp.int32
+        )
+    if draw(st.booleans()):
+        kwargs["scale"] = draw(st.floats(0.05, 2.0))
+    bias = rng.randn(*batch, heads, q_len, kv_len) if draw(st.booleans()) else None
+    q = rng.randn(*batch, q_len, heads, head_dim)
+    k = rng.randn(*batch, kv_len, kv_heads, head_dim)
+    v = rng.randn(*batch, kv_len, kv_heads, v_dim)
+    arrays = tuple(None if x is None else jnp.asarray(x, jnp.float32) for x in (q, k, v, bias))
+    return arrays, kwargs
+
+
+@pytest.mark.parametrize("name", EXACT)
+@hsettings(max_examples=150)
+@given(problem=problems())
+def test_property_random_problems_match_reference(name, problem):
+    (q, k, v, bias), kwargs = problem
+    needs = {
+        "mask": "mask" in kwargs,
+        "bias": bias is not None,
+        "causal": "is_causal" in kwargs,
+        "window": "local_window_size" in kwargs,
+        "seq_lengths": "query_seq_lengths" in kwargs or "key_value_seq_lengths" in kwargs,
+        "gqa": q.shape[-2] != k.shape[-2],
+    }
+    caps = _caps(name)
+    if any(need and not getattr(caps, cap) for cap, need in needs.items()):
+        with pytest.raises(ValueError):
+            kernels.get(name)(q, k, v, bias, **kwargs)
+        return
+    ct = jnp.asarray(np.random.RandomState(0).randn(*q.shape[:-1], v.shape[-1]), jnp.float32)
+    out, grads = cf.value_and_grads(kernels.get(name), (q, k, v, bias), kwargs, ct)
+    expected, expected_grads = ref.dot_product_attention(q, k, v, bias, d_out=ct, **kwargs)
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, atol=1e-5)
+    for arg, g in zip(("query", "key", "value", "bias"), grads, strict=True):
+        if expected_grads.get(arg) is not None:
+            assert np.all(np.isfinite(g)), arg
+            np.testing.assert_allclose(
+                np.asarray(g, np.float64), expected_grads[arg], atol=1e-4, err_msg=arg
+            )
