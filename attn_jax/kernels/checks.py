@@ -97,7 +97,11 @@ def check_broadcastable(
     if x is None:
         return
     if boolean and x.dtype != jnp.bool_:
-        _fail(argument, f"expected a boolean array (True = may attend), got dtype {x.dtype}")
+        _fail(
+            argument,
+            f"expected a boolean array (True = may attend), got dtype {x.dtype} (flax's mask "
+            "helpers take dtype=bool; kernels.flax_attention_fn converts float masks)",
+        )
     if not boolean:
         check_floating(x, argument)
     target = tuple(target)

@@ -101,6 +101,8 @@ def dot_product_attention(
     precision: Any = None,
     return_weights: bool = False,
     return_residual: bool = False,
+    deterministic: bool = False,
+    module: Any = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Scaled dot-product attention ``softmax(q k^T * scale + bias) v`` (exact).
 
@@ -127,6 +129,13 @@ def dot_product_attention(
       precision: ``jax.lax.Precision`` for the two matmuls.
       return_weights: also return float32 weights ``[batch..., heads, q_len, kv_len]``.
       return_residual: also return the float32 log-sum-exp ``[batch..., q_len, heads]``.
+      deterministic: turn dropout off (flax's ``attention_fn`` convention).
+      module: a flax module to ``sow`` the weights into as ``('intermediates',
+        'attention_weights')``; flax passes it when called with ``sow_weights=True``. With
+        ``deterministic`` and ``module`` this function can be passed directly as
+        ``flax.linen.MultiHeadDotProductAttention(attention_fn=...)`` (masks must then be
+        boolean: ``nn.make_attention_mask(..., dtype=bool)``, or use
+        :func:`attn_jax.kernels.flax_attention_fn`, which converts flax's float masks).
 
     Returns:
       ``[batch..., q_len, heads, v_head_dim]``, then weights and/or residual if requested.
@@ -148,16 +157,22 @@ def dot_product_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     logits = softmax_core.dot_logits(query, key, scale, precision)
-    return softmax_core.attend(
+    outputs = softmax_core.attend(
         logits,
         value,
         bias=bias,
         mask=combined,
-        dropout_rate=dropout_rate,
+        dropout_rate=0.0 if deterministic else dropout_rate,
         dropout_rng=dropout_rng,
         broadcast_dropout=broadcast_dropout,
         out_dtype=out_dtype,
         precision=precision,
-        return_weights=return_weights,
+        return_weights=return_weights or module is not None,
         return_residual=return_residual,
     )
+    if module is None:
+        return outputs
+    module.sow("intermediates", "attention_weights", outputs[1])
+    if not return_weights:
+        outputs = (outputs[0], *outputs[2:])
+    return outputs if len(outputs) > 1 else outputs[0]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -82,6 +82,29 @@ class Capabilities:
     residual: bool = False
     exact: bool = True
     interface: str = "dot_product"
+
+    @classmethod
+    def coerce(cls, value: Capabilities | Mapping[str, Any] | Iterable[str]) -> Capabilities:
+        """Accepts a ``Capabilities``, a mapping of fields, or an iterable of feature names."""
+        if isinstance(value, Capabilities):
+            return value
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(value, Mapping):
+            items = dict(value)
+        elif isinstance(value, Iterable) and not isinstance(value, str):
+            items = {str(name).lower(): True for name in value}
+        else:
+            raise ValueError(
+                "register: argument 'capabilities' must be a Capabilities, a mapping or an "
+                f"iterable of feature names, got {value!r}"
+            )
+        unknown = sorted(set(items) - fields)
+        if unknown:
+            raise ValueError(
+                f"register: argument 'capabilities' has unknown fields {unknown}; "
+                f"known: {sorted(fields)}"
+            )
+        return cls(**items)
 
     def supported(self) -> list[str]:
         """Names of the optional features this kernel supports."""
@@ -157,13 +180,18 @@ def _checked(name: str, fn: Callable[..., Any], caps: Capabilities) -> Callable[
 
 
 def register(
-    name: str, *, capabilities: Capabilities, override: bool = False
+    name: str,
+    *,
+    capabilities: Capabilities | Mapping[str, Any] | Iterable[str],
+    override: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering an attention kernel under ``name``.
 
     Args:
       name: registry name, e.g. ``"dot_product"``.
-      capabilities: what the kernel supports; arguments outside it raise ``ValueError``.
+      capabilities: what the kernel supports, as a :class:`Capabilities`, a mapping of its
+        fields (``{"mask": True, "exact": False}``) or feature names (``{"mask", "causal"}``);
+        arguments outside it raise ``ValueError``.
       override: replace an existing registration of the same name.
 
     Returns:
@@ -171,10 +199,7 @@ def register(
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register: argument 'name' must be a non-empty string, got {name!r}")
-    if not isinstance(capabilities, Capabilities):
-        raise ValueError(
-            f"register: argument 'capabilities' must be a Capabilities, got {capabilities!r}"
-        )
+    capabilities = Capabilities.coerce(capabilities)
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY and not override:

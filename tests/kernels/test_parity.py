@@ -155,3 +155,28 @@ def test_flax_adapter_refuses_unsupported_options():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="qk_attn_weights_einsum"):
         fn(q, k, v, qk_attn_weights_einsum=jnp.einsum)
+
+
+def test_kernel_plugs_into_flax_directly_with_boolean_masks():
+    """``dot_product_attention`` itself is a valid ``attention_fn`` (deterministic, module)."""
+    x = jnp.asarray(np.random.RandomState(3).randn(2, 6, 12), jnp.float32)
+    mask = nn.make_causal_mask(jnp.ones((2, 6)), dtype=bool)
+    params = _mhdpa().init(jax.random.key(0), x, mask=mask)
+    theirs, theirs_state = _mhdpa(dropout_rate=0.3).apply(
+        params, x, mask=mask, deterministic=True, sow_weights=True, mutable="intermediates"
+    )
+    ours_module = _mhdpa(kernels.dot_product_attention, dropout_rate=0.3)
+    ours, ours_state = ours_module.apply(
+        params, x, mask=mask, deterministic=True, sow_weights=True, mutable="intermediates"
+    )
+    np.testing.assert_allclose(ours, theirs, atol=2e-6)
+    np.testing.assert_allclose(
+        jax.tree.leaves(ours_state)[0], jax.tree.leaves(theirs_state)[0], atol=2e-6
+    )
+    noisy = ours_module.apply(
+        params, x, mask=mask, deterministic=False, rngs={"dropout": jax.random.key(1)}
+    )
+    assert not np.allclose(noisy, ours)
+    float_mask = nn.make_causal_mask(jnp.ones((2, 6)))
+    with pytest.raises(ValueError, match="mask"):
+        ours_module.apply(params, x, mask=float_mask, deterministic=True)

@@ -113,4 +113,13 @@ def test_register_validates_its_arguments():
     with pytest.raises(ValueError, match="name"):
         kernels.register("", capabilities=kernels.Capabilities())
     with pytest.raises(ValueError, match="capabilities"):
-        kernels.register("x", capabilities={"mask": True})
+        kernels.register("x", capabilities={"maks": True})
+    with pytest.raises(ValueError, match="capabilities"):
+        kernels.register("x", capabilities=3)
+
+
+def test_capabilities_from_mapping_or_names():
+    as_names = kernels.Capabilities.coerce({"mask", "Causal"})
+    assert as_names == kernels.Capabilities(mask=True, causal=True)
+    as_mapping = kernels.Capabilities.coerce({"mask": True, "exact": False})
+    assert as_mapping == kernels.Capabilities(mask=True, exact=False)
