@@ -17,15 +17,15 @@ __all__ = ["SCORES", "multiplicative_attention"]
 SCORES = ("dot", "general")
 
 
-def _project_query(query: jax.Array, weight: jax.Array, precision: Any) -> jax.Array:
+def _project_query(query: jax.Array, weight: jax.Array, d_k: int, precision: Any) -> jax.Array:
     """``q W``: ``[batch..., q_len, heads, d_q]`` x ``[heads, d_q, d_k]`` -> ``[..., d_k]``."""
     heads, d_q = query.shape[-2], query.shape[-1]
     if weight.ndim == 2:
         weight = jnp.broadcast_to(weight, (heads, *weight.shape))
-    if weight.ndim != 3 or weight.shape[:2] != (heads, d_q):
+    if weight.ndim != 3 or weight.shape != (heads, d_q, d_k):
         raise checks.AttentionInputError(
-            f"argument 'weight': expected shape ({heads}, {d_q}, d_k) or ({d_q}, d_k), "
-            f"got {weight.shape}"
+            f"argument 'weight': expected shape ({heads}, {d_q}, {d_k}) or ({d_q}, {d_k}) "
+            f"for query head_dim {d_q} and key head_dim {d_k}, got {weight.shape}"
         )
     return jnp.einsum("...qhd,hde->...qhe", query, weight.astype(query.dtype), precision=precision)
 
@@ -92,7 +92,8 @@ def multiplicative_attention(
         if weight is None:
             raise checks.AttentionInputError("argument 'weight': required for score='general'")
         checks.check_rank_at_least(query, 3, "query", "[batch..., q_len, heads, d_q]")
-        query = _project_query(jnp.asarray(query), jnp.asarray(weight), precision)
+        checks.check_rank_at_least(key, 3, "key", "[batch..., kv_len, kv_heads, d_k]")
+        query = _project_query(jnp.asarray(query), jnp.asarray(weight), key.shape[-1], precision)
     elif weight is not None:
         raise checks.AttentionInputError(
             "argument 'weight': only used by score='general' (got score='dot')"

@@ -39,11 +39,12 @@ def attention_pooling(
       value: ``[batch..., length, kv_heads, v_dim]``.
       query: ``[heads, d]`` (one learned query per head, shared across the batch) or
         ``[batch..., heads, d]``.
-      key: ``[batch..., length, kv_heads, d]``; defaults to ``value``.
+      key: ``[batch..., length, kv_heads, d]``; defaults to ``value`` (an error with
+        ``scores``).
       scores: ``[batch..., length, heads]`` unnormalised per-position scores.
       mask: ``[batch..., length]`` boolean, True at valid (non-padding) positions.
       lengths: ``[batch...]`` integer valid lengths (alternative to ``mask``).
-      scale: logit scale for ``query``; default ``1 / sqrt(d)``.
+      scale: logit scale for ``query``; default ``1 / sqrt(d)`` (an error with ``scores``).
       return_weights: also return float32 weights ``[batch..., heads, length]``.
 
     Returns:
@@ -59,6 +60,11 @@ def attention_pooling(
             "argument 'query': pass exactly one of 'query' (learned query) or 'scores'"
         )
     if scores is not None:
+        if scale is not None or key is not None:
+            unused = "scale" if scale is not None else "key"
+            raise checks.AttentionInputError(
+                f"argument {unused!r}: only used with 'query', not with precomputed 'scores'"
+            )
         scores = jnp.asarray(scores)
         checks.check_floating(scores, "scores")
         if scores.shape[:-1] != (*batch_shape, length) or scores.shape[-1] % kv_heads:

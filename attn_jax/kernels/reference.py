@@ -217,7 +217,7 @@ def additive_attention(
         return outputs
     ds = res["d_logits"]
     d_pre = np.einsum("...hqk,hu->...qkhu", ds, v_full) * (1.0 - hidden**2)
-    d_v = np.einsum("...hqk,...qkhu->hu", ds, hidden)
+    d_v = np.einsum("...hqk,...qkhu->...hu", ds, hidden)
     grads = {
         "query": d_pre.sum(-3),
         "key": _sum_groups(d_pre.sum(-4), k.shape[-2]),
@@ -270,7 +270,7 @@ def multiplicative_attention(
     if score == "general":
         d_proj = grads["query"]
         grads["query"] = np.einsum("...qhe,hde->...qhd", d_proj, w_full)
-        grads["weight"] = _unbroadcast(np.einsum("...qhd,...qhe->hde", q, d_proj), w.shape)
+        grads["weight"] = _unbroadcast(np.einsum("...qhd,...qhe->...hde", q, d_proj), w.shape)
     return outputs, grads
 
 

@@ -1,0 +1,277 @@
+"""Boolean masks (``attn_jax.masks``) against brute-force definitions. True = may attend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attn_jax import masks
+from attn_jax.kernels import checks, softmax_core
+from attn_jax.kernels import reference as ref
+
+SHAPES = [(1, 1), (3, 3), (2, 5), (5, 2), (4, 7), (7, 4)]
+
+
+def _brute(q_len: int, kv_len: int, allowed) -> np.ndarray:
+    """``[q_len, kv_len]`` mask from a predicate ``allowed(i, j)`` (double loop)."""
+    out = np.zeros((q_len, kv_len), bool)
+    for i in range(q_len):
+        for j in range(kv_len):
+            out[i, j] = allowed(i, j)
+    return out
+
+
+def _np(x) -> np.ndarray:
+    x = np.asarray(x)
+    assert x.dtype == np.bool_, f"mask dtype {x.dtype}, expected bool"
+    return x
+
+
+# ---------------------------------------------------------------------------------- causal
+
+
+@pytest.mark.parametrize(("q_len", "kv_len"), SHAPES)
+def test_causal_mask_bottom_right_by_default(q_len, kv_len):
+    got = _np(masks.causal_mask(q_len, kv_len))
+    expected = _brute(q_len, kv_len, lambda i, j: j <= i + kv_len - q_len)
+    np.testing.assert_array_equal(got, expected)
+    # The last query always sees every key (KV-cache decoding), the first query sees
+    # kv_len - q_len + 1 keys.
+    assert got[-1].all()
+    assert got[0].sum() == max(0, kv_len - q_len + 1)
+
+
+@pytest.mark.parametrize(("q_len", "kv_len"), SHAPES)
+def test_causal_mask_offset_zero_is_top_left(q_len, kv_len):
+    got = _np(masks.causal_mask(q_len, kv_len, offset=0))
+    np.testing.assert_array_equal(got, np.tril(np.ones((q_len, kv_len), bool)))
+
+
+@pytest.mark.parametrize("offset", [-2, 1, 3])
+def test_causal_mask_offset(offset):
+    got = _np(masks.causal_mask(4, 6, offset=offset))
+    np.testing.assert_array_equal(got, np.tril(np.ones((4, 6), bool), k=offset))
+
+
+def test_causal_mask_decode_step_sees_whole_cache():
+    np.testing.assert_array_equal(_np(masks.causal_mask(1, 5)), np.ones((1, 5), bool))
+
+
+# ---------------------------------------------------------------------------------- window
+
+
+@pytest.mark.parametrize(("q_len", "kv_len"), SHAPES)
+@pytest.mark.parametrize(("left", "right"), [(0, 0), (1, 0), (0, 2), (2, 1), (9, 9)])
+def test_window_mask_matches_brute_force(q_len, kv_len, left, right):
+    shift = kv_len - q_len
+    got = _np(masks.window_mask(q_len, kv_len, left, right))
+    expected = _brute(q_len, kv_len, lambda i, j: i + shift - left <= j <= i + shift + right)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("offset", [0, -1, 2])
+def test_window_mask_offset(offset):
+    got = _np(masks.window_mask(5, 6, 1, 2, offset=offset))
+    expected = _brute(5, 6, lambda i, j: i + offset - 1 <= j <= i + offset + 2)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_window_mask_with_right_zero_is_banded_causal():
+    causal = _np(masks.causal_mask(6, 8))
+    window = _np(masks.window_mask(6, 8, 8, 0))
+    np.testing.assert_array_equal(window, causal)
+
+
+# --------------------------------------------------------------------------------- lengths
+
+
+def test_lengths_to_mask():
+    lengths = np.array([[0, 3, 5], [1, 2, 4]])
+    got = _np(masks.lengths_to_mask(jnp.asarray(lengths), 5))
+    assert got.shape == (2, 3, 5)
+    for idx in np.ndindex(lengths.shape):
+        np.testing.assert_array_equal(got[idx], np.arange(5) < lengths[idx])
+    assert not got[0, 0].any() and got[0, 2].all()
+
+
+def test_lengths_to_mask_scalar():
+    np.testing.assert_array_equal(
+        _np(masks.lengths_to_mask(jnp.asarray(2), 4)), [True, True, False, False]
+    )
+
+
+@pytest.mark.parametrize("side", ["both", "query_only", "key_only", "neither"])
+@pytest.mark.parametrize("batch", [(2,), (2, 3)])
+def test_padding_mask(side, batch):
+    q_len, kv_len = 4, 5
+    rng = np.random.RandomState(0)
+    q_lengths = rng.randint(0, q_len + 1, size=batch)
+    kv_lengths = rng.randint(0, kv_len + 1, size=batch)
+    use_q = side in ("both", "query_only")
+    use_k = side in ("both", "key_only")
+    got = _np(
+        masks.padding_mask(
+            jnp.asarray(q_lengths) if use_q else None,
+            jnp.asarray(kv_lengths) if use_k else None,
+            q_len=q_len,
+            kv_len=kv_len,
+        )
+    )
+    out_batch = batch if (use_q or use_k) else ()
+    assert got.shape == (*out_batch, 1, q_len, kv_len)
+    full = np.broadcast_to(got, (*batch, 1, q_len, kv_len))
+    for b in np.ndindex(batch):
+        q_ok = np.arange(q_len) < (q_lengths[b] if use_q else q_len)
+        k_ok = np.arange(kv_len) < (kv_lengths[b] if use_k else kv_len)
+        np.testing.assert_array_equal(full[b][0], q_ok[:, None] & k_ok[None, :])
+
+
+def test_padding_mask_zero_lengths_mask_everything():
+    got = _np(masks.padding_mask(jnp.array([0, 3]), jnp.array([2, 0]), q_len=3, kv_len=2))
+    assert not got.any()
+
+
+# --------------------------------------------------------------------------------- segment
+
+
+def test_segment_mask_self():
+    ids = np.array([[0, 0, 1, 1, 1], [2, 2, 2, 2, 5]])
+    got = _np(masks.segment_mask(jnp.asarray(ids)))
+    assert got.shape == (2, 1, 5, 5)
+    for b in range(2):
+        expected = _brute(5, 5, lambda i, j, b=b: ids[b, i] == ids[b, j])
+        np.testing.assert_array_equal(got[b, 0], expected)
+    assert not got[0, 0, 0, 2]
+
+
+def test_segment_mask_cross():
+    q_ids = np.array([[[0, 1, 1]], [[3, 3, 0]]])  # batch (2, 1)
+    k_ids = np.array([[[1, 0, 1, 2]], [[0, 3, 3, 3]]])
+    got = _np(masks.segment_mask(jnp.asarray(q_ids), jnp.asarray(k_ids)))
+    assert got.shape == (2, 1, 1, 3, 4)
+    for b in np.ndindex(2, 1):
+        expected = _brute(3, 4, lambda i, j, b=b: q_ids[b][i] == k_ids[b][j])
+        np.testing.assert_array_equal(got[b][0], expected)
+
+
+# ----------------------------------------------------------------------------- combine
+
+
+def test_combine_masks_all_none():
+    assert masks.combine_masks() is None
+    assert masks.combine_masks(None) is None
+    assert masks.combine_masks(None, None, None) is None
+
+
+def test_combine_masks_skips_none():
+    m = np.array([[True, False], [False, True]])
+    got = _np(masks.combine_masks(None, jnp.asarray(m), None))
+    np.testing.assert_array_equal(got, m)
+
+
+def test_combine_masks_broadcasts_and_ands():
+    rng = np.random.RandomState(1)
+    a = rng.rand(4, 5) < 0.5  # [q, kv]
+    b = rng.rand(2, 1, 4, 5) < 0.5  # [batch, 1, q, kv]
+    c = rng.rand(5) < 0.7  # [kv]
+    got = _np(masks.combine_masks(jnp.asarray(a), None, jnp.asarray(b), jnp.asarray(c)))
+    assert got.shape == (2, 1, 4, 5)
+    np.testing.assert_array_equal(got, a & b & c)
+    assert got.any() and not got.all()
+
+
+def test_combine_masks_casts_to_bool():
+    got = _np(masks.combine_masks(jnp.array([0, 1, 2]), jnp.array([True, True, False])))
+    np.testing.assert_array_equal(got, [False, True, False])
+
+
+# ---------------------------------------------------- build_mask vs reference (hypothesis)
+
+
+@st.composite
+def mask_problems(draw):
+    batch = draw(st.sampled_from([(), (2,), (2, 3)]))
+    heads = draw(st.integers(1, 2))
+    q_len, kv_len = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    rng = np.random.RandomState(draw(st.integers(0, 2**31 - 1)))
+    user_mask = None
+    mask_kind = draw(st.sampled_from(["none", "full", "no_heads", "2d", "kv_only"]))
+    if mask_kind != "none":
+        shape = {
+            "full": (*batch, heads, q_len, kv_len),
+            "no_heads": (*batch, 1, q_len, kv_len),
+            "2d": (q_len, kv_len),
+            "kv_only": (kv_len,),
+        }[mask_kind]
+        user_mask = rng.rand(*shape) < draw(st.sampled_from([0.3, 0.8]))
+    window = draw(
+        st.one_of(
+            st.none(),
+            st.integers(0, 4),
+            st.tuples(st.integers(0, 4), st.integers(0, 4)),
+        )
+    )
+    q_lengths = rng.randint(0, q_len + 1, size=batch) if draw(st.booleans()) else None
+    kv_lengths = rng.randint(0, kv_len + 1, size=batch) if draw(st.booleans()) else None
+    return dict(
+        batch=batch,
+        heads=heads,
+        q_len=q_len,
+        kv_len=kv_len,
+        mask=user_mask,
+        is_causal=draw(st.booleans()),
+        window=window,
+        q_lengths=q_lengths,
+        kv_lengths=kv_lengths,
+    )
+
+
+# One small compiled program per problem shape: cheaper than compiling each eager op.
+_build_mask = jax.jit(
+    softmax_core.build_mask, static_argnames=("q_len", "kv_len", "is_causal", "local_window_size")
+)
+
+
+@settings(max_examples=60)
+@given(p=mask_problems())
+def test_build_mask_matches_reference_full_mask(p):
+    target = (*p["batch"], p["heads"], p["q_len"], p["kv_len"])
+    got = _build_mask(
+        None if p["mask"] is None else jnp.asarray(p["mask"]),
+        q_len=p["q_len"],
+        kv_len=p["kv_len"],
+        is_causal=p["is_causal"],
+        local_window_size=checks.normalize_window(p["window"]),
+        query_seq_lengths=None if p["q_lengths"] is None else jnp.asarray(p["q_lengths"]),
+        key_value_seq_lengths=None if p["kv_lengths"] is None else jnp.asarray(p["kv_lengths"]),
+    )
+    expected = ref.full_mask(
+        p["batch"],
+        p["heads"],
+        p["q_len"],
+        p["kv_len"],
+        mask=p["mask"],
+        is_causal=p["is_causal"],
+        local_window_size=p["window"],
+        query_seq_lengths=p["q_lengths"],
+        key_value_seq_lengths=p["kv_lengths"],
+    )
+    nothing = (
+        p["mask"] is None
+        and not p["is_causal"]
+        and p["window"] is None
+        and p["q_lengths"] is None
+        and p["kv_lengths"] is None
+    )
+    assert (got is None) == nothing, "None exactly when nothing is masked"
+    if got is None:
+        assert expected.all()
+        return
+    got = _np(got)
+    # Broadcastable to the logits without enlarging them.
+    assert np.broadcast_shapes(got.shape, target) == target, f"{got.shape} vs {target}"
+    np.testing.assert_array_equal(np.broadcast_to(got, target), expected)
