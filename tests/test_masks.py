@@ -236,7 +236,7 @@ _build_mask = jax.jit(
 )
 
 
-@settings(max_examples=60)
+@settings(max_examples=100)
 @given(p=mask_problems())
 def test_build_mask_matches_reference_full_mask(p):
     target = (*p["batch"], p["heads"], p["q_len"], p["kv_len"])

@@ -225,7 +225,7 @@ def problems(draw):
 
 
 @pytest.mark.parametrize("name", EXACT)
-@hsettings(max_examples=150)
+@hsettings(max_examples=200)
 @given(problem=problems())
 def test_property_random_problems_match_reference(name, problem):
     (q, k, v, bias), kwargs = problem
