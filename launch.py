@@ -1,42 +1,107 @@
-"""attn_jax entry point.
+"""attn_jax entry point: ``python launch.py --config=configs/NAME.py[:ARG]``.
 
-Until the experiment launcher (training from ``configs/``) lands, this runs the kernel
-demo: every registered attention kernel on a small problem, checked against the float64
-reference and timed::
+Configs are Python files with ``get_config(arg)``; any field can be overridden with
+``--config.FIELD=VALUE``. The default config, ``configs/kernel_demo.py``, runs every
+registered attention kernel on a small problem, checks it against the float64 reference
+and times it (training configs arrive with the experiment launcher)::
 
-    python launch.py --seq_len=256 --kernels=dot_product,additive
+    python launch.py --config.seq_len=256 --config.kernels=dot_product,additive
 """
 
 from __future__ import annotations
 
+import pathlib
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
 
 from attn_jax import demo, kernels
 
-_KERNELS = flags.DEFINE_list("kernels", None, "Kernel names to run (default: all registered).")
-_BATCH = flags.DEFINE_integer("batch", 2, "Batch size of the demo problem.", lower_bound=1)
-_SEQ_LEN = flags.DEFINE_integer(
-    "seq_len", 128, "Sequence length of the demo problem.", lower_bound=1
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "kernel_demo.py")
+# No default here: ml_collections would parse --config.* overrides at import time. The
+# default is inserted by parse_flags instead.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, f"Experiment config file, optionally with :ARG (default {DEFAULT_CONFIG})."
 )
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the key."""
+
+
+def validate_kernel_demo(config: ConfigDict) -> list[str]:
+    """Checks a kernel-demo config and returns the kernel names to run."""
+    names = [n.strip() for n in str(config.kernels).split(",") if n.strip()]
+    unknown = sorted(set(names) - set(kernels.available()))
+    if unknown:
+        raise ConfigError(
+            f"config.kernels: unknown kernel(s) {', '.join(unknown)}; "
+            f"available: {', '.join(kernels.available())}"
+        )
+    for key in ("batch", "seq_len"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ConfigError(f"config.{key}: expected a positive integer, got {config[key]!r}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"config.dtype: expected one of {DTYPES}, got {config.dtype!r}")
+    return names or kernels.available()
+
+
+def _fail(message: str) -> None:
+    """One clear line on stderr and exit code 2 (bad usage), before anything is written."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(error: Exception) -> str:
+    """A flag-parsing error as one line (an exception inside get_config() keeps its last line)."""
+    text = str(error).strip()
+    if "Traceback" in text:
+        lines = text.splitlines()
+        return f"{lines[0].split(': Error whilst')[0]}: {lines[-1].strip()}"
+    message = " ".join(text.split())
+    cause = error.__cause__ or error.__context__
+    if cause is not None and " ".join(str(cause).split()) not in message:
+        message += f": {' '.join(str(cause).split())}"
+    return message
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that turns bad flags and config errors into one line, exit code 2."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    try:
+        remaining = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # loads the config file now, so a missing file fails here
+        return remaining
+    except (AttributeError, KeyError) as error:  # --config.<unknown key>=...
+        key = str(error).strip("\"'")
+        culprit = next((a.split("=")[0] for a in argv if f".{key}" in a), key)
+        _fail(f"{culprit}: no such key in the config")
+    except OSError as error:  # missing or unreadable config file
+        _fail(f"--config: {str(error).strip().splitlines()[-1].strip()}")
+    except (flags.Error, ValueError, TypeError) as error:
+        _fail(_one_line(error))
+    raise AssertionError("unreachable")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # jax's backend-probing INFO lines are noise here
-    names = _KERNELS.value or kernels.available()
-    unknown = sorted(set(names) - set(kernels.available()))
-    if unknown:
-        raise app.UsageError(
-            f"--kernels: unknown kernel(s) {', '.join(unknown)}; "
-            f"available: {', '.join(kernels.available())}"
-        )
-    rows = demo.run_demo(names, batch=_BATCH.value, seq_len=_SEQ_LEN.value, dtype=_DTYPE.value)
+    config = _CONFIG.value
+    if config.get("task") != "kernel_demo":
+        _fail(f"config.task: unknown task {config.get('task')!r}; expected 'kernel_demo'")
+    try:
+        names = validate_kernel_demo(config)
+    except ConfigError as error:
+        _fail(str(error))
+    rows = demo.run_demo(names, batch=config.batch, seq_len=config.seq_len, dtype=config.dtype)
     print(demo.format_table(rows))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

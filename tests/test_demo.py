@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from attn_jax import demo, kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,13 +26,39 @@ def test_demo_checks_every_kernel_against_the_reference():
     assert "| dot_product | dot_product | True |" in table
 
 
-def test_launch_rejects_unknown_kernel_names():
-    result = subprocess.run(
-        [sys.executable, "launch.py", "--kernels=dot_product,nope"],
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd="/",  # the default config is found relative to launch.py, not the cwd
         timeout=120,
     )
-    assert result.returncode != 0
-    assert "--kernels: unknown kernel(s) nope" in result.stderr + result.stdout
+
+
+def test_launch_runs_the_default_config_with_overrides():
+    result = _launch("--config.kernels=dot_product,pooling", "--config.seq_len=8")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["dot_product", "pooling"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.kernels=dot_product,nope"], "config.kernels: unknown kernel(s) nope"),
+        (["--config.batch=0"], "config.batch: expected a positive integer"),
+        (["--config.dtype=float8"], "config.dtype: expected one of"),
+        (["--config.nokey=3"], "--config.nokey: no such key in the config"),
+        (["--config.batch=abc"], "--config.batch=abc"),
+        (["--config=configs/missing.py"], "No such file or directory"),
+        ([f"--config={ROOT}/configs/kernel_demo.py:fast"], "unknown variant 'fast'"),
+        (["--nosuchflag"], "nosuchflag"),
+    ],
+)
+def test_launch_bad_input_is_one_line_and_exit_code_2(args, message):
+    result = _launch(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
