@@ -29,12 +29,13 @@ def _relative_positions(q_len: int, kv_len: int, offset: int | None) -> jax.Arra
     return key_pos - query_pos
 
 
-def causal_mask(q_len: int, kv_len: int, *, offset: int | None = None) -> jax.Array:
+def causal_mask(q_len: int, kv_len: int | None = None, *, offset: int | None = None) -> jax.Array:
     """``[q_len, kv_len]`` mask: query ``i`` sees keys ``j <= i + offset``.
 
-    ``offset`` defaults to ``kv_len - q_len`` (bottom-right alignment); ``offset=0`` gives
-    flax's top-left alignment.
+    ``kv_len`` defaults to ``q_len``; ``offset`` defaults to ``kv_len - q_len`` (bottom-right
+    alignment); ``offset=0`` gives flax's top-left alignment.
     """
+    kv_len = q_len if kv_len is None else kv_len
     return _relative_positions(q_len, kv_len, offset) <= 0
 
 
@@ -53,22 +54,31 @@ def lengths_to_mask(lengths: jax.Array, max_len: int) -> jax.Array:
 
 
 def padding_mask(
-    query_lengths: jax.Array | None,
     key_lengths: jax.Array | None,
-    *,
-    q_len: int,
     kv_len: int,
+    *,
+    query_lengths: jax.Array | None = None,
+    q_len: int | None = None,
 ) -> jax.Array:
-    """``[batch..., 1, q_len, kv_len]`` mask from per-example valid lengths ``[batch...]``.
+    """Padding mask from per-example valid lengths ``[batch...]``.
 
-    Either length may be ``None`` (all positions valid on that side).
+    Args:
+      key_lengths: valid key/value lengths ``[batch...]`` (``None``: all valid).
+      kv_len: padded key length.
+      query_lengths: valid query lengths ``[batch...]``; padded query rows see nothing.
+      q_len: padded query length (required with ``query_lengths``).
+
+    Returns:
+      ``[batch..., 1, 1, kv_len]`` (keys only) or ``[batch..., 1, q_len, kv_len]``.
     """
-    q_valid = (
-        jnp.ones((q_len,), bool) if query_lengths is None else lengths_to_mask(query_lengths, q_len)
-    )
     k_valid = (
         jnp.ones((kv_len,), bool) if key_lengths is None else lengths_to_mask(key_lengths, kv_len)
     )
+    if query_lengths is None:
+        return k_valid[..., None, None, :]
+    if q_len is None:
+        raise ValueError("padding_mask: argument 'q_len' is required with 'query_lengths'")
+    q_valid = lengths_to_mask(query_lengths, q_len)
     return (q_valid[..., :, None] & k_valid[..., None, :])[..., None, :, :]
 
 
@@ -81,8 +91,8 @@ def segment_mask(
       query_segment_ids: ``[batch..., q_len]`` integer segment ids.
       key_segment_ids: ``[batch..., kv_len]``; defaults to ``query_segment_ids``.
     """
-    if key_segment_ids is None:
-        key_segment_ids = query_segment_ids
+    query_segment_ids = jnp.asarray(query_segment_ids)
+    key_segment_ids = query_segment_ids if key_segment_ids is None else jnp.asarray(key_segment_ids)
     same = query_segment_ids[..., :, None] == key_segment_ids[..., None, :]
     return same[..., None, :, :]
 

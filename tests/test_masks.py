@@ -115,14 +115,15 @@ def test_padding_mask(side, batch):
     use_k = side in ("both", "key_only")
     got = _np(
         masks.padding_mask(
-            jnp.asarray(q_lengths) if use_q else None,
             jnp.asarray(kv_lengths) if use_k else None,
+            kv_len,
+            query_lengths=jnp.asarray(q_lengths) if use_q else None,
             q_len=q_len,
-            kv_len=kv_len,
         )
     )
     out_batch = batch if (use_q or use_k) else ()
-    assert got.shape == (*out_batch, 1, q_len, kv_len)
+    out_q = q_len if use_q else 1  # keys only: [batch..., 1, 1, kv_len], broadcast over rows
+    assert got.shape == (*out_batch, 1, out_q, kv_len)
     full = np.broadcast_to(got, (*batch, 1, q_len, kv_len))
     for b in np.ndindex(batch):
         q_ok = np.arange(q_len) < (q_lengths[b] if use_q else q_len)
@@ -131,8 +132,17 @@ def test_padding_mask(side, batch):
 
 
 def test_padding_mask_zero_lengths_mask_everything():
-    got = _np(masks.padding_mask(jnp.array([0, 3]), jnp.array([2, 0]), q_len=3, kv_len=2))
-    assert not got.any()
+    got = masks.padding_mask(jnp.array([2, 0]), 2, query_lengths=jnp.array([0, 3]), q_len=3)
+    assert not _np(got).any()
+
+
+def test_padding_mask_needs_q_len_with_query_lengths():
+    with pytest.raises(ValueError, match="q_len"):
+        masks.padding_mask(None, 4, query_lengths=jnp.array([1, 2]))
+
+
+def test_causal_mask_defaults_to_square():
+    np.testing.assert_array_equal(_np(masks.causal_mask(4)), np.tril(np.ones((4, 4), bool)))
 
 
 # --------------------------------------------------------------------------------- segment

@@ -103,9 +103,9 @@ def additive_attention(
         local_window_size=local_window_size,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
-        dropout_rate=dropout_rate,
         dtype=dtype,
     )
+    dropout_rate = softmax_core.dropout_rate_value(dropout_rate)
     v = jnp.asarray(v)
     heads, units = query.shape[-2], query.shape[-1]
     if v.shape not in ((units,), (heads, units)):

@@ -60,22 +60,18 @@ def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array) -> None:
     check_rank_at_least(value, 3, "value", "[batch..., kv_len, kv_heads, v_head_dim]")
     for name, x in (("query", query), ("key", key), ("value", value)):
         check_floating(x, name)
-    try:
-        chex.assert_equal_rank([query, key, value])
-    except AssertionError:
-        _fail(
-            "key",
-            f"query, key and value must have the same rank, got shapes {query.shape}, "
-            f"{key.shape}, {value.shape}",
-        )
-    try:
-        chex.assert_equal_shape_prefix([query, key, value], query.ndim - 3)
-    except AssertionError:
-        _fail(
-            "key",
-            f"batch dimensions of query {query.shape[:-3]}, key {key.shape[:-3]} and value "
-            f"{value.shape[:-3]} must be equal",
-        )
+    for name, x in (("key", key), ("value", value)):
+        try:
+            chex.assert_equal_rank([query, x])
+        except AssertionError:
+            _fail(name, f"rank {x.ndim} (shape {x.shape}) differs from query's {query.shape}")
+        try:
+            chex.assert_equal_shape_prefix([query, x], query.ndim - 3)
+        except AssertionError:
+            _fail(
+                name,
+                f"batch dimensions {x.shape[:-3]} differ from query's {query.shape[:-3]}",
+            )
     if key.shape[-1] != query.shape[-1]:
         _fail("key", f"head_dim {key.shape[-1]} does not match query head_dim {query.shape[-1]}")
     if value.shape[-3] != key.shape[-3]:
@@ -90,6 +86,17 @@ def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array) -> None:
         )
 
 
+def check_same_dtype(query: jax.Array, key: jax.Array, value: jax.Array) -> None:
+    """Key and value must have the query's dtype (pass ``dtype=`` to compute in one)."""
+    for name, x in (("key", key), ("value", value)):
+        if x.dtype != query.dtype:
+            _fail(
+                name,
+                f"dtype {x.dtype} differs from query dtype {query.dtype}; cast the inputs or "
+                "pass dtype=",
+            )
+
+
 def check_broadcastable(
     x: jax.Array | None, target: Sequence[int], argument: str, *, boolean: bool = False
 ) -> None:
@@ -102,8 +109,10 @@ def check_broadcastable(
             f"expected a boolean array (True = may attend), got dtype {x.dtype} (flax's mask "
             "helpers take dtype=bool; kernels.flax_attention_fn converts float masks)",
         )
-    if not boolean:
-        check_floating(x, argument)
+    if not boolean and not (
+        jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+    ):
+        _fail(argument, f"expected a numeric array, got dtype {x.dtype}")
     target = tuple(target)
     try:
         ok = np.broadcast_shapes(tuple(x.shape), target) == target
@@ -132,11 +141,15 @@ def normalize_window(local_window_size: int | Sequence[int] | None) -> tuple[int
     """``int`` or ``(left, right)`` non-negative ints -> ``(left, right)``; ``None`` stays."""
     if local_window_size is None:
         return None
+    if isinstance(local_window_size, bool | np.bool_):
+        _fail("local_window_size", f"expected int or (left, right), got {local_window_size!r}")
     if isinstance(local_window_size, int | np.integer):
         window = (int(local_window_size), int(local_window_size))
     else:
         window = tuple(local_window_size)
-        if len(window) != 2 or not all(isinstance(w, int | np.integer) for w in window):
+        if len(window) != 2 or not all(
+            isinstance(w, int | np.integer) and not isinstance(w, bool) for w in window
+        ):
             _fail("local_window_size", f"expected int or (left, right), got {local_window_size}")
         window = (int(window[0]), int(window[1]))
     if min(window) < 0:

@@ -26,13 +26,13 @@ def prepare_softmax_inputs(
     local_window_size: int | Sequence[int] | None,
     query_seq_lengths: jax.Array | None,
     key_value_seq_lengths: jax.Array | None,
-    dropout_rate: float,
     dtype: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None, Any]:
     """Validates the shared arguments of softmax kernels and combines every mask.
 
     ``query`` / ``key`` / ``value`` follow ``[batch..., len, heads, dim]``; ``bias`` and
     ``mask`` broadcast to ``[batch..., heads, q_len, kv_len]``; lengths are ``[batch...]``.
+    Without ``dtype``, query, key and value must share one dtype.
 
     Returns:
       ``(query, key, value, bias, combined_mask, out_dtype)`` with inputs cast to ``dtype``
@@ -51,7 +51,8 @@ def prepare_softmax_inputs(
     checks.check_lengths(query_seq_lengths, batch_shape, "query_seq_lengths")
     checks.check_lengths(key_value_seq_lengths, batch_shape, "key_value_seq_lengths")
     window = checks.normalize_window(local_window_size)
-    softmax_core.check_dropout_rate(dropout_rate)
+    if dtype is None:
+        checks.check_same_dtype(query, key, value)
 
     out_dtype = query.dtype if dtype is None else jnp.dtype(dtype)
     if dtype is not None:
@@ -103,6 +104,7 @@ def dot_product_attention(
     return_residual: bool = False,
     deterministic: bool = False,
     module: Any = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Scaled dot-product attention ``softmax(q k^T * scale + bias) v`` (exact).
 
@@ -130,6 +132,8 @@ def dot_product_attention(
       return_weights: also return float32 weights ``[batch..., heads, q_len, kv_len]``.
       return_residual: also return the float32 log-sum-exp ``[batch..., q_len, heads]``.
       deterministic: turn dropout off (flax's ``attention_fn`` convention).
+      implementation: accepted for ``jax.nn`` compatibility: ``None`` or ``"xla"`` (this
+        kernel is plain XLA); ``"cudnn"`` raises.
       module: a flax module to ``sow`` the weights into as ``('intermediates',
         'attention_weights')``; flax passes it when called with ``sow_weights=True``. With
         ``deterministic`` and ``module`` this function can be passed directly as
@@ -141,6 +145,12 @@ def dot_product_attention(
       ``[batch..., q_len, heads, v_head_dim]``, then weights and/or residual if requested.
       Query rows with no visible key give zeros (and zero weights).
     """
+    if implementation not in (None, "xla"):
+        raise checks.AttentionInputError(
+            f"argument 'implementation': {implementation!r} is not available; this kernel is "
+            "plain XLA (None or 'xla'); see kernels.available() for others"
+        )
+    dropout_rate = 0.0 if deterministic else softmax_core.dropout_rate_value(dropout_rate)
     query, key, value, bias, combined, out_dtype = prepare_softmax_inputs(
         query,
         key,
@@ -151,7 +161,6 @@ def dot_product_attention(
         local_window_size=local_window_size,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
-        dropout_rate=dropout_rate,
         dtype=dtype,
     )
     if scale is None:
@@ -162,7 +171,7 @@ def dot_product_attention(
         value,
         bias=bias,
         mask=combined,
-        dropout_rate=0.0 if deterministic else dropout_rate,
+        dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         broadcast_dropout=broadcast_dropout,
         out_dtype=out_dtype,

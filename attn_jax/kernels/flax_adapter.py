@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -66,11 +67,14 @@ def flax_attention_fn(kernel: str | Callable[..., Any] = "dot_product", **kernel
         if precision is not None:
             kwargs["precision"] = precision
         if not deterministic and dropout_rate > 0.0:
-            kwargs.update(
-                dropout_rate=dropout_rate,
-                dropout_rng=dropout_rng,
-                broadcast_dropout=broadcast_dropout,
-            )
+            kwargs.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+            if broadcast_dropout:
+                if "broadcast_dropout" not in inspect.signature(fn).parameters:
+                    raise ValueError(
+                        f"kernel {getattr(fn, 'kernel_name', fn)!r} has no argument "
+                        "'broadcast_dropout': build the flax module with broadcast_dropout=False"
+                    )
+                kwargs["broadcast_dropout"] = True
         if module is None:
             return fn(query, key, value, **kwargs)
         out, weights = fn(query, key, value, return_weights=True, **kwargs)

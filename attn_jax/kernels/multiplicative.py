@@ -54,7 +54,7 @@ def multiplicative_attention(
     *,
     score: str = "dot",
     weight: jax.Array | None = None,
-    scale: float = 1.0,
+    scale: float | None = None,
     is_causal: bool = False,
     local_window_size: int | Sequence[int] | None = None,
     query_seq_lengths: jax.Array | None = None,
@@ -78,7 +78,7 @@ def multiplicative_attention(
       value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
       score: ``"dot"`` or ``"general"``.
       weight: ``general`` only: ``[heads, d_q, d_k]`` (or ``[d_q, d_k]`` shared).
-      scale: multiplies the logits (default 1.0).
+      scale: multiplies the logits (default ``None`` = 1.0, unscaled as in Luong et al.).
       bias, mask, ...: as in :func:`attn_jax.kernels.dot_product_attention`.
 
     Returns:
@@ -108,10 +108,10 @@ def multiplicative_attention(
         local_window_size=local_window_size,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
-        dropout_rate=dropout_rate,
         dtype=dtype,
     )
-    logits = softmax_core.dot_logits(query, key, scale, precision)
+    dropout_rate = softmax_core.dropout_rate_value(dropout_rate)
+    logits = softmax_core.dot_logits(query, key, 1.0 if scale is None else scale, precision)
     return softmax_core.attend(
         logits,
         value,

@@ -48,7 +48,8 @@ def attention_pooling(
       return_weights: also return float32 weights ``[batch..., heads, length]``.
 
     Returns:
-      ``[batch..., heads, v_dim]`` pooled features (zeros for a fully padded sequence), and
+      ``[batch..., heads, v_dim]`` pooled features in ``value``'s dtype (zeros for a fully
+      padded sequence), and
       the weights when requested.
     """
     value = jnp.asarray(value)
@@ -78,6 +79,11 @@ def attention_pooling(
         query = jnp.asarray(query)
         checks.check_rank_at_least(query, 2, "query", "[heads, d] or [batch..., heads, d]")
         heads, dim = query.shape[-2:]
+        if query.shape[:-2] not in ((), tuple(batch_shape)):
+            raise checks.AttentionInputError(
+                f"argument 'query': expected [heads, d] or [batch..., heads, d] with batch "
+                f"{tuple(batch_shape)}, got {query.shape}"
+            )
         query = jnp.broadcast_to(query, (*batch_shape, heads, dim))[..., None, :, :]
         checks.check_qkv(query, key, value)
         if scale is None:
@@ -104,7 +110,7 @@ def attention_pooling(
         logits,
         value,
         mask=valid,
-        out_dtype=value.dtype if query is None else query.dtype,
+        out_dtype=value.dtype,
         return_weights=True,
     )
     out = out[..., 0, :, :]

@@ -26,6 +26,8 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "Capabilities",
     "KernelSpec",
@@ -129,8 +131,8 @@ _REGISTRY: dict[str, KernelSpec] = {}
 
 def _is_active(argument: str, value: Any) -> bool:
     """Whether ``value`` asks for the feature behind ``argument`` (``None``/off is inactive)."""
-    if argument == "dropout_rate" and isinstance(value, int | float):
-        return value != 0
+    if argument == "dropout_rate" and isinstance(value, int | float | np.number):
+        return float(value) != 0.0
     return value is not None and value is not False
 
 
@@ -150,27 +152,33 @@ def _checked(name: str, fn: Callable[..., Any], caps: Capabilities) -> Callable[
             )
         raise ValueError(f"attention kernel {name!r} has no argument {arg!r}")
 
+    def check(arg: str, value: Any) -> None:
+        cap = governed.get(arg)
+        if cap is not None and not getattr(caps, cap) and _is_active(arg, value):
+            refuse(arg)
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         passed = {}
         for arg, value in kwargs.items():
-            if takes_var_kwargs or arg in parameters:
+            check(arg, value)  # whatever the signature (a **kwargs parameter included)
+            unsupported = arg in governed and not getattr(caps, governed[arg])
+            if (takes_var_kwargs or arg in parameters) and not unsupported:
                 passed[arg] = value
             elif _is_active(arg, value):
                 refuse(arg)
-            # else: an inactive argument the kernel does not declare is a no-op.
+            # else: an inactive argument for a feature the kernel lacks is a no-op: dropped.
         bound = signature.bind_partial(*args, **passed).arguments
         for arg, value in bound.items():
-            cap = governed.get(arg)
-            if cap is not None and not getattr(caps, cap) and _is_active(arg, value):
-                refuse(arg)
+            if arg not in kwargs:  # passed positionally
+                check(arg, value)
         if caps.interface == "dot_product" and not caps.gqa:
             query, key = bound.get("query"), bound.get("key")
-            if query is not None and key is not None and query.shape[-2] != key.shape[-2]:
+            q_heads, kv_heads = np.shape(query)[-2:-1], np.shape(key)[-2:-1]
+            if q_heads and kv_heads and q_heads != kv_heads:
                 raise ValueError(
                     f"attention kernel {name!r} does not support grouped-query attention: "
-                    f"argument 'key' has {key.shape[-2]} heads but 'query' has "
-                    f"{query.shape[-2]}"
+                    f"argument 'key' has {kv_heads[0]} heads but 'query' has {q_heads[0]}"
                 )
         return fn(*args, **passed)
 
@@ -181,8 +189,8 @@ def _checked(name: str, fn: Callable[..., Any], caps: Capabilities) -> Callable[
 
 def register(
     name: str,
+    capabilities: Capabilities | Mapping[str, Any] | Iterable[str] | None = None,
     *,
-    capabilities: Capabilities | Mapping[str, Any] | Iterable[str],
     override: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering an attention kernel under ``name``.
@@ -191,7 +199,7 @@ def register(
       name: registry name, e.g. ``"dot_product"``.
       capabilities: what the kernel supports, as a :class:`Capabilities`, a mapping of its
         fields (``{"mask": True, "exact": False}``) or feature names (``{"mask", "causal"}``);
-        arguments outside it raise ``ValueError``.
+        arguments outside it raise ``ValueError``. Default: no optional feature, exact.
       override: replace an existing registration of the same name.
 
     Returns:
@@ -199,7 +207,7 @@ def register(
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register: argument 'name' must be a non-empty string, got {name!r}")
-    capabilities = Capabilities.coerce(capabilities)
+    capabilities = Capabilities() if capabilities is None else Capabilities.coerce(capabilities)
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY and not override:

@@ -72,7 +72,7 @@ def build_mask(
     padding = None
     if query_seq_lengths is not None or key_value_seq_lengths is not None:
         padding = masks.padding_mask(
-            query_seq_lengths, key_value_seq_lengths, q_len=q_len, kv_len=kv_len
+            key_value_seq_lengths, kv_len, query_lengths=query_seq_lengths, q_len=q_len
         )
     return masks.combine_masks(
         mask,
@@ -83,31 +83,33 @@ def build_mask(
 
 
 def dropout_weights(
-    weights: jax.Array,
-    rate: float,
-    rng: jax.Array | None,
-    *,
-    broadcast_batch_dims: int = 0,
+    weights: jax.Array, rate: float, rng: jax.Array | None, *, broadcast: bool = False
 ) -> jax.Array:
     """Inverted dropout on attention weights ``[batch..., heads, q_len, kv_len]``.
 
-    ``broadcast_batch_dims`` leading axes share one dropout pattern (flax's
-    ``broadcast_dropout``).
+    With ``broadcast`` (flax's ``broadcast_dropout``) one ``[q_len, kv_len]`` pattern is
+    shared by every batch element and head.
     """
     if rng is None:
         raise checks.AttentionInputError(
             "argument 'dropout_rng': a jax.random key is required when dropout_rate > 0"
         )
-    shape = (1,) * broadcast_batch_dims + weights.shape[broadcast_batch_dims:]
+    shape = (1,) * (weights.ndim - 2) + weights.shape[-2:] if broadcast else weights.shape
     keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
     return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
 
 
-def check_dropout_rate(rate: float) -> None:
-    if not isinstance(rate, int | float) or not 0.0 <= rate < 1.0:
+def dropout_rate_value(rate: Any) -> float:
+    """``rate`` as a Python float in ``[0, 1)`` (numpy and concrete 0-d jax scalars too)."""
+    try:
+        value = float(rate)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        value = None
+    if value is None or np.ndim(rate) != 0 or not 0.0 <= value < 1.0:
         raise checks.AttentionInputError(
-            f"argument 'dropout_rate': expected a Python float in [0, 1), got {rate!r}"
+            f"argument 'dropout_rate': expected a concrete float in [0, 1), got {rate!r}"
         )
+    return value
 
 
 def attend(
@@ -131,9 +133,10 @@ def attend(
       value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
       bias: additive, broadcastable to ``logits``.
       mask: boolean, broadcastable to ``logits``; ``True`` = may attend.
-      dropout_rate, dropout_rng, broadcast_dropout: inverted dropout on the weights.
+      dropout_rate, dropout_rng, broadcast_dropout: inverted dropout on the weights (with
+        ``broadcast_dropout`` one pattern is shared across batch and heads, as in flax).
       out_dtype: dtype of the output (default: ``value.dtype``).
-      return_weights: also return the (post-dropout) weights, float32.
+      return_weights: also return the weights, float32, before dropout (what flax sows).
       return_residual: also return the log-sum-exp ``[batch..., q_len, heads]``, float32
         (a large finite negative for fully-masked rows).
 
@@ -155,14 +158,12 @@ def attend(
         visible = jnp.any(mask, axis=-1, keepdims=True)
         weights = jnp.where(visible, weights, 0.0)
         lse = jnp.where(visible, lse, MASK_VALUE)
+    applied = weights
     if dropout_rate > 0.0:
-        batch_dims = weights.ndim - 3 if broadcast_dropout else 0
-        weights = dropout_weights(
-            weights, dropout_rate, dropout_rng, broadcast_batch_dims=batch_dims
-        )
+        applied = dropout_weights(weights, dropout_rate, dropout_rng, broadcast=broadcast_dropout)
 
     kv_heads = value.shape[-2]
-    grouped = weights.reshape(*weights.shape[:-3], kv_heads, -1, *weights.shape[-2:])
+    grouped = applied.reshape(*applied.shape[:-3], kv_heads, -1, *applied.shape[-2:])
     out = jnp.einsum(
         "...hgqk,...khd->...qhgd",
         grouped.astype(value.dtype),

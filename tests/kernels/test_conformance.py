@@ -7,6 +7,7 @@ A kernel registered later (in attn_jax, or by a module named in
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -107,14 +108,16 @@ def test_composes_under_pmap_and_shard_map(name):
     q, k, v, kwargs = _problem(name, batch=(n, 2))
     eager = kernel(q, k, v, **kwargs)
     mask = kwargs.pop("mask", None)
-    fn = lambda q, k, v, m: kernel(q, k, v, mask=m, **kwargs)
-    m = mask if mask is not None else jnp.ones((n, 2, 1, 1, 1), bool)
-    pmapped = jax.pmap(fn)(q, k, v, m)
+    if mask is None:
+        fn, args = (lambda q, k, v: kernel(q, k, v, **kwargs)), (q, k, v)
+    else:
+        fn, args = (lambda q, k, v, m: kernel(q, k, v, mask=m, **kwargs)), (q, k, v, mask)
+    pmapped = jax.pmap(fn)(*args)
     np.testing.assert_allclose(pmapped, eager, atol=1e-6)
     mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
     spec = PartitionSpec("data")
-    sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec))(
-        q, k, v, m
+    sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec))(
+        *args
     )
     np.testing.assert_allclose(sharded, eager, atol=1e-6)
 
@@ -146,6 +149,15 @@ def test_dropout(name):
     np.testing.assert_array_equal(kernel(q, k, v, dropout_rate=rate, dropout_rng=rng), out)
     other = kernel(q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(8))
     assert not np.array_equal(other, out)
+    if caps.weights:  # returned (and sowed) weights are those before dropout
+        _, weights = kernel(q, k, v, dropout_rate=rate, dropout_rng=rng, return_weights=True)
+        np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
+    if "broadcast_dropout" in inspect.signature(kernel).parameters:
+        shared = np.asarray(
+            kernel(q, k, v, dropout_rate=rate, dropout_rng=rng, broadcast_dropout=True)
+        )  # [batch, q, heads, kv]: one [q, kv] pattern for every batch element and head
+        assert np.all((shared != 0) == (shared[:1, :, :1] != 0))
+        assert 0 < (shared != 0).mean() < 1
     with pytest.raises(ValueError, match="dropout_rng"):
         kernel(q, k, v, dropout_rate=rate)
     with pytest.raises(ValueError, match="dropout_rate"):
@@ -238,6 +250,8 @@ def test_property_random_problems_match_reference(name, problem):
         "gqa": q.shape[-2] != k.shape[-2],
     }
     caps = _caps(name)
+    if "scale" not in inspect.signature(kernels.get(name)).parameters:
+        kwargs.pop("scale", None)  # scale is optional in the dot_product interface
     if any(need and not getattr(caps, cap) for cap, need in needs.items()):
         with pytest.raises(ValueError):
             kernels.get(name)(q, k, v, bias, **kwargs)

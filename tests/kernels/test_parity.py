@@ -180,3 +180,52 @@ def test_kernel_plugs_into_flax_directly_with_boolean_masks():
     float_mask = nn.make_causal_mask(jnp.ones((2, 6)))
     with pytest.raises(ValueError, match="mask"):
         ours_module.apply(params, x, mask=float_mask, deterministic=True)
+
+
+def test_jax_nn_implementation_argument():
+    q, k, v = _qkv()
+    np.testing.assert_array_equal(
+        kernels.dot_product_attention(q, k, v, implementation="xla"),
+        kernels.dot_product_attention(q, k, v),
+    )
+    with pytest.raises(ValueError, match="implementation"):
+        kernels.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def test_mixed_input_dtypes_need_an_explicit_dtype():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="'key'"):
+        kernels.dot_product_attention(q.astype(jnp.bfloat16), k, v)
+    out = kernels.dot_product_attention(q.astype(jnp.bfloat16), k, v, dtype=jnp.float32)
+    assert out.dtype == jnp.float32
+
+
+def test_numpy_scalar_dropout_rate_and_bad_window():
+    q, k, v = _qkv()
+    a = kernels.dot_product_attention(
+        q, k, v, dropout_rate=np.float32(0.2), dropout_rng=jax.random.key(1)
+    )
+    b = kernels.dot_product_attention(q, k, v, dropout_rate=0.2, dropout_rng=jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="local_window_size"):
+        kernels.dot_product_attention(q, k, v, local_window_size=True)
+
+
+def test_flax_decode_with_adapter_matches_flax():
+    x = jnp.asarray(np.random.RandomState(4).randn(2, 5, 16), jnp.float32)
+    make = lambda fn=None: nn.MultiHeadDotProductAttention(
+        num_heads=4, decode=True, **({} if fn is None else {"attention_fn": fn})
+    )
+    variables = make().init(jax.random.key(0), x)
+    params, cache = variables["params"], variables["cache"]
+    outputs = {}
+    for label, module in (("flax", make()), ("ours", make(kernels.flax_attention_fn()))):
+        state, steps = cache, []
+        for t in range(5):
+            y, updated = module.apply(
+                {"params": params, "cache": state}, x[:, t : t + 1], mutable=["cache"]
+            )
+            state = updated["cache"]
+            steps.append(y)
+        outputs[label] = jnp.concatenate(steps, axis=1)
+    np.testing.assert_allclose(outputs["ours"], outputs["flax"], atol=2e-6)

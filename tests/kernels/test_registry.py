@@ -123,3 +123,40 @@ def test_capabilities_from_mapping_or_names():
     assert as_names == kernels.Capabilities(mask=True, causal=True)
     as_mapping = kernels.Capabilities.coerce({"mask": True, "exact": False})
     assert as_mapping == kernels.Capabilities(mask=True, exact=False)
+
+
+def test_var_kwargs_kernel_still_refuses_unsupported_arguments():
+    @kernels.register("test_var_kwargs", capabilities={"mask"})
+    def var_kwargs(query, key, value, bias=None, mask=None, **options):
+        assert not options, options
+        return kernels.dot_product_attention(query, key, value, mask=mask)
+
+    try:
+        q, k, v = _qkv()
+        fn = kernels.get("test_var_kwargs")
+        for arg, value in {
+            "is_causal": True,
+            "local_window_size": 2,
+            "return_weights": True,
+            "key_value_seq_lengths": jnp.array([2, 3]),
+        }.items():
+            with pytest.raises(ValueError, match=arg):
+                fn(q, k, v, **{arg: value})
+        with pytest.raises(ValueError, match="dropout_rate"):
+            fn(q, k, v, dropout_rate=np.float32(0.2), dropout_rng=jax.random.key(0))
+        fn(q, k, v, is_causal=False, dropout_rate=np.float32(0.0))  # off: fine
+    finally:
+        kernels.unregister("test_var_kwargs")
+
+
+def test_register_without_capabilities_supports_nothing_optional():
+    @kernels.register("test_plain")
+    def plain(query, key, value):
+        return kernels.dot_product_attention(query, key, value)
+
+    try:
+        assert kernels.capabilities("test_plain") == kernels.Capabilities()
+        with pytest.raises(ValueError, match="mask"):
+            plain(*_qkv(), mask=jnp.ones((5, 5), bool))
+    finally:
+        kernels.unregister("test_plain")

@@ -439,6 +439,7 @@ def _bad_calls():
             "weight",
         ),
         ("pool_scores_with_scale", lambda: pool(pool_v, scores=pool_s, scale=2.0), "scale"),
+        ("pool_query_wrong_batch", lambda: pool(pool_v, query=jnp.ones((3, 2, 4))), "query"),
         ("pool_scores_with_key", lambda: pool(pool_v, scores=pool_s, key=pool_v), "key"),
     ]
 
@@ -567,3 +568,11 @@ def test_additive_property_matches_reference(problem):
     empty = np.moveaxis(~allowed.any(-1), -1, -2)
     assert np.all(np.asarray(out)[empty] == 0.0)
     _check_grads(("query", "key", "value", "v"), grads, expected_grads, args, grad_tol, "additive")
+
+
+def test_multiplicative_scale_none_is_unscaled():
+    q, k, val = _small()
+    np.testing.assert_array_equal(
+        kernels.multiplicative_attention(q, k, val, scale=None),
+        kernels.multiplicative_attention(q, k, val, scale=1.0),
+    )

@@ -30,7 +30,9 @@ def _naive(
     heads, kv_heads = query.shape[-2], key.shape[-2]
     index = jnp.array([group(h, heads, kv_heads) for h in range(heads)])
     key, value = key[..., index, :], value[..., index, :]
-    logits = jnp.einsum("...qhd,...khd->...hqk", query, key) / math.sqrt(query.shape[-1])
+    logits = jnp.einsum(
+        "...qhd,...khd->...hqk", query, key, preferred_element_type=jnp.float32
+    ) / math.sqrt(query.shape[-1])
     q_len, kv_len = query.shape[-3], key.shape[-3]
     allowed = jnp.ones(logits.shape, bool)
     if mask is not None:
@@ -98,5 +100,7 @@ def test_correct_naive_kernel_passes():
     try:
         for name in ("causal_q_lt_kv", "gqa", "random_mask"):
             cf.check_against_reference(naive, CASES[name], jnp.float32, record=False)
+        # The case that catches a float16 softmax passes with a float32 one.
+        cf.check_against_reference(naive, CASES["sharp_softmax"], jnp.float16, record=False)
     finally:
         kernels.unregister("naive_ok")
