@@ -1,0 +1,414 @@
+"""Autoregressive decoding: greedy, temperature/top-k sampling and beam search.
+
+The searches are generic over a *step function* ``step_fn(state, tokens [batch]) ->
+(logits [batch, vocab], state)``; every array leaf of ``state`` whose leading axis is the
+batch is reordered by beam search (scalars such as a cache index are left alone). The model
+helpers build the step function for each model:
+
+- :func:`generate` for :class:`~attn_jax.models.TransformerLM`: the prompt is prefilled
+  into the KV cache in one call, then one token per step.
+- :func:`translate` for :class:`~attn_jax.models.EncoderDecoder` (cached decoder) and
+  :class:`~attn_jax.models.Seq2SeqRNN` (recurrent state).
+
+Everything runs under ``jax.jit`` with ``lax.while_loop`` and stops early once every
+sequence has produced ``eos_id``; positions after EOS hold ``pad_id``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from attn_jax.models.encoder_decoder import EncoderDecoder
+from attn_jax.models.lm import TransformerLM
+from attn_jax.models.seq2seq_rnn import Seq2SeqRNN
+
+__all__ = [
+    "METHODS",
+    "beam_search",
+    "generate",
+    "init_cache",
+    "sample_search",
+    "search",
+    "translate",
+]
+
+StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
+METHODS = ("greedy", "sample", "beam")
+NEG_INF = -1e30
+
+
+def init_cache(model: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+    """A zero KV cache for ``model.apply(..., *args, decode=True, method=method)``.
+
+    The cache is sized by ``args`` (e.g. ``tokens [batch, max_len]``); shapes come from
+    ``jax.eval_shape``, so no forward pass is run.
+    """
+    shapes = jax.eval_shape(
+        functools.partial(model.init, method=method, decode=True, **kwargs),
+        jax.random.key(0),
+        *args,
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def sample_search(
+    step_fn: StepFn,
+    state: Any,
+    start_tokens: jax.Array,
+    *,
+    max_len: int,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> jax.Array:
+    """Greedy (``temperature=0``) or sampled decoding.
+
+    Args:
+      step_fn: ``(state, tokens [batch]) -> (logits [batch, vocab], state)``.
+      state: the state after the tokens *before* ``start_tokens``.
+      start_tokens: ``[batch]`` the first tokens fed (BOS, or a prompt's last token).
+      max_len: tokens to generate.
+      rng: key for sampling (``temperature > 0``).
+      temperature: 0 = argmax; otherwise logits are divided by it and sampled.
+      top_k: sample among the ``top_k`` most likely tokens only.
+
+    Returns:
+      ``[batch, max_len]`` generated tokens (``pad_id`` after ``eos_id``).
+    """
+    chex.assert_rank(start_tokens, 1)
+    if temperature < 0:
+        raise ValueError(f"sample_search: 'temperature' must be >= 0, got {temperature}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sample_search: argument 'rng' is required when temperature > 0")
+    batch = start_tokens.shape[0]
+    rng = jax.random.key(0) if rng is None else rng
+
+    def choose(logits, key):
+        if temperature == 0:
+            return jnp.argmax(logits, -1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+            logits = jnp.where(logits < kth, NEG_INF, logits)
+        return jax.random.categorical(key, logits)
+
+    def cond(carry):
+        i, _, _, _, finished, _ = carry
+        return (i < max_len) & ~jnp.all(finished)
+
+    def body(carry):
+        i, tokens, state, out, finished, key = carry
+        logits, state = step_fn(state, tokens)
+        key, sub = jax.random.split(key)
+        new = choose(logits.astype(jnp.float32), sub).astype(out.dtype)
+        new = jnp.where(finished, pad_id, new)
+        out = out.at[:, i].set(new)
+        if eos_id is not None:
+            finished = finished | (new == eos_id)
+        return i + 1, new, state, out, finished, key
+
+    out = jnp.full((batch, max_len), pad_id, jnp.int32)
+    carry = (0, start_tokens.astype(jnp.int32), state, out, jnp.zeros(batch, bool), rng)
+    return jax.lax.while_loop(cond, body, carry)[3]
+
+
+def _gather_beams(tree: Any, beam_index: jax.Array, batch: int, beams: int) -> Any:
+    """Reorders every leaf with a leading ``batch * beams`` axis by ``beam_index [B, K]``."""
+    flat = (beam_index + beams * jnp.arange(batch)[:, None]).reshape(-1)
+
+    def gather(x):
+        if getattr(x, "ndim", 0) >= 1 and x.shape[0] == batch * beams:
+            return x[flat]
+        return x
+
+    return jax.tree.map(gather, tree)
+
+
+def length_penalty(lengths: jax.Array, alpha: float) -> jax.Array:
+    """GNMT length normalisation ``((5 + length) / 6) ** alpha`` (Wu et al., 2016)."""
+    return ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def beam_search(
+    step_fn: StepFn,
+    state: Any,
+    start_tokens: jax.Array,
+    *,
+    beam_size: int,
+    max_len: int,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    alpha: float = 0.6,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search with GNMT length normalisation.
+
+    Beams are ranked by their summed log-probabilities while searching; the final
+    hypotheses are ordered by ``score / length_penalty(length, alpha)``. A finished beam
+    continues with ``pad_id`` at no cost. With ``beam_size=1`` this is greedy decoding.
+
+    Args:
+      step_fn, state, start_tokens, max_len, eos_id, pad_id: as in :func:`sample_search`;
+        ``state`` is for ``batch`` sequences and is tiled to ``batch * beam_size``.
+      beam_size: beams per sequence.
+      alpha: length-normalisation exponent (0 = none).
+
+    Returns:
+      ``tokens [batch, beam_size, max_len]`` and normalised ``scores [batch, beam_size]``,
+      best first.
+    """
+    chex.assert_rank(start_tokens, 1)
+    if beam_size < 1:
+        raise ValueError(f"beam_search: 'beam_size' must be >= 1, got {beam_size}")
+    batch, k = start_tokens.shape[0], beam_size
+
+    def tile(x):
+        if getattr(x, "ndim", 0) >= 1 and x.shape[0] == batch:
+            return jnp.repeat(x, k, axis=0)
+        return x
+
+    state = jax.tree.map(tile, state)
+    tokens = jnp.repeat(start_tokens.astype(jnp.int32), k)
+    scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))
+    seqs = jnp.full((batch, k, max_len), pad_id, jnp.int32)
+    finished = jnp.zeros((batch, k), bool)
+    lengths = jnp.zeros((batch, k), jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, _, finished, _ = carry
+        return (i < max_len) & ~jnp.all(finished)
+
+    def body(carry):
+        i, tokens, state, seqs, scores, finished, lengths = carry
+        logits, state = step_fn(state, tokens)
+        vocab = logits.shape[-1]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, k, vocab)
+        pad_row = jnp.full((vocab,), NEG_INF).at[pad_id].set(0.0)
+        logp = jnp.where(finished[..., None], pad_row, logp)
+        candidates = (scores[..., None] + logp).reshape(batch, k * vocab)
+        scores, index = jax.lax.top_k(candidates, k)
+        beam, new = index // vocab, (index % vocab).astype(jnp.int32)
+        take = lambda x: jnp.take_along_axis(x, beam, axis=1)
+        was_finished = take(finished)
+        seqs = jnp.take_along_axis(seqs, beam[..., None], axis=1).at[:, :, i].set(new)
+        lengths = take(lengths) + (~was_finished).astype(jnp.int32)
+        finished = was_finished | ((new == eos_id) if eos_id is not None else False)
+        state = _gather_beams(state, beam, batch, k)
+        return i + 1, new.reshape(-1), state, seqs, scores, finished, lengths
+
+    carry = (0, tokens, state, seqs, scores, finished, lengths)
+    _, _, _, seqs, scores, _, lengths = jax.lax.while_loop(cond, body, carry)
+    normalized = scores / length_penalty(jnp.maximum(lengths, 1), alpha)
+    order = jnp.argsort(-normalized, axis=1)
+    seqs = jnp.take_along_axis(seqs, order[..., None], axis=1)
+    return seqs, jnp.take_along_axis(normalized, order, axis=1)
+
+
+def search(
+    step_fn: StepFn,
+    state: Any,
+    start_tokens: jax.Array,
+    *,
+    method: str = "greedy",
+    max_len: int,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Dispatches to greedy / sampling / beam search; returns ``[batch, max_len]`` tokens
+    (beam search: the best hypothesis)."""
+    if method == "greedy":
+        return sample_search(
+            step_fn, state, start_tokens, max_len=max_len, eos_id=eos_id, pad_id=pad_id
+        )
+    if method == "sample":
+        return sample_search(
+            step_fn,
+            state,
+            start_tokens,
+            max_len=max_len,
+            rng=rng,
+            temperature=temperature,
+            top_k=top_k,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+    if method == "beam":
+        seqs, _ = beam_search(
+            step_fn,
+            state,
+            start_tokens,
+            beam_size=beam_size,
+            max_len=max_len,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            alpha=alpha,
+        )
+        return seqs[:, 0]
+    raise ValueError(f"search: 'method' must be one of {METHODS}, got {method!r}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model",
+        "max_new_tokens",
+        "method",
+        "eos_id",
+        "pad_id",
+        "beam_size",
+        "alpha",
+        "temperature",
+        "top_k",
+    ),
+)
+def generate(
+    model: TransformerLM,
+    params: Any,
+    prompt: jax.Array,
+    *,
+    max_new_tokens: int,
+    method: str = "greedy",
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Continues ``prompt [batch, prompt_len]`` with a :class:`TransformerLM`.
+
+    The prompt (all but its last token) is prefilled into the KV cache in one call; the
+    cache holds ``prompt_len + max_new_tokens`` positions.
+
+    Returns:
+      ``[batch, max_new_tokens]`` new tokens.
+    """
+    chex.assert_rank(prompt, 2)
+    batch, prompt_len = prompt.shape
+    cache = init_cache(model, jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32))
+    if prompt_len > 1:
+        _, updated = model.apply(
+            {"params": params, "cache": cache}, prompt[:, :-1], decode=True, mutable=["cache"]
+        )
+        cache = updated["cache"]
+
+    def step(cache, tokens):
+        logits, updated = model.apply(
+            {"params": params, "cache": cache}, tokens[:, None], decode=True, mutable=["cache"]
+        )
+        return logits[:, 0], updated["cache"]
+
+    return search(
+        step,
+        cache,
+        prompt[:, -1],
+        method=method,
+        max_len=max_new_tokens,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        beam_size=beam_size,
+        alpha=alpha,
+        temperature=temperature,
+        top_k=top_k,
+        rng=rng,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model",
+        "max_len",
+        "bos_id",
+        "method",
+        "eos_id",
+        "pad_id",
+        "beam_size",
+        "alpha",
+        "temperature",
+        "top_k",
+    ),
+)
+def translate(
+    model: EncoderDecoder | Seq2SeqRNN,
+    params: Any,
+    src: jax.Array,
+    *,
+    max_len: int,
+    bos_id: int,
+    method: str = "greedy",
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    beam_size: int = 4,
+    alpha: float = 0.6,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Decodes targets for ``src [batch, src_len]`` with an encoder-decoder model.
+
+    Returns:
+      ``[batch, max_len]`` target tokens (without the leading ``bos_id``).
+    """
+    chex.assert_rank(src, 2)
+    variables = {"params": params}
+    if isinstance(model, Seq2SeqRNN):
+        state, encoded = model.apply(variables, src, method=Seq2SeqRNN.encode)
+
+        def step(carry, tokens):
+            state, encoded = carry
+            state, logits, _ = model.apply(
+                variables, state, tokens[:, None], encoded, method=Seq2SeqRNN.decode_steps
+            )
+            return logits[:, 0], (state, encoded)
+
+        carry = (state, encoded)
+    elif isinstance(model, EncoderDecoder):
+        memory, memory_mask = model.apply(variables, src, method=EncoderDecoder.encode)
+        dummy = jnp.zeros((src.shape[0], max_len), jnp.int32)
+        cache = init_cache(model, dummy, memory, memory_mask, method=EncoderDecoder.decode)
+
+        def step(carry, tokens):
+            cache, memory, memory_mask = carry
+            logits, updated = model.apply(
+                {"params": params, "cache": cache},
+                tokens[:, None],
+                memory,
+                memory_mask,
+                decode=True,
+                mutable=["cache"],
+                method=EncoderDecoder.decode,
+            )
+            return logits[:, 0], (updated["cache"], memory, memory_mask)
+
+        carry = (cache, memory, memory_mask)
+    else:
+        raise ValueError(f"translate: unsupported model type {type(model).__name__}")
+    start = jnp.full((src.shape[0],), bos_id, jnp.int32)
+    return search(
+        step,
+        carry,
+        start,
+        method=method,
+        max_len=max_len,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        beam_size=beam_size,
+        alpha=alpha,
+        temperature=temperature,
+        top_k=top_k,
+        rng=rng,
+    )

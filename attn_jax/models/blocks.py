@@ -1,0 +1,233 @@
+"""Transformer building blocks: shared options, embeddings, MLP, pre-LayerNorm layers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attn_jax import kernels
+from attn_jax.models.attention import MultiHeadAttention
+from attn_jax.models.positions import POSITION_KINDS, LearnedPositions, sinusoidal_positions
+
+__all__ = [
+    "DecoderLayer",
+    "EncoderLayer",
+    "Mlp",
+    "TokenEmbedder",
+    "TransformerOptions",
+    "check_options",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerOptions:
+    """Sizes and choices shared by every Transformer model.
+
+    Attributes:
+      width: model (embedding) features.
+      num_layers: number of layers (per stack).
+      num_heads / num_kv_heads: query and key/value heads (GQA when fewer kv heads).
+      mlp_dim: hidden features of the MLP (default ``4 * width``).
+      attention: registry name of the attention kernel (``dot_product`` interface).
+      attention_kwargs: extra keyword arguments for the kernel.
+      positions: ``"learned"``, ``"sinusoidal"``, ``"rope"`` or ``"none"``.
+      max_len: longest sequence (learned positions; decode cache default).
+      dropout_rate: residual/embedding dropout; attention_dropout_rate: on the weights.
+      dtype: compute dtype; param_dtype: parameter dtype.
+    """
+
+    width: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    mlp_dim: int | None = None
+    attention: str = "dot_product"
+    attention_kwargs: Mapping[str, Any] | None = None
+    positions: str = "learned"
+    max_len: int = 512
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+
+def check_options(options: TransformerOptions) -> None:
+    """Validates options with errors naming the field."""
+    spec = kernels.spec(options.attention)  # unknown names raise, listing the choices
+    if spec.capabilities.interface != "dot_product":
+        raise ValueError(
+            f"options.attention: {options.attention!r} is a {spec.capabilities.interface!r} "
+            "kernel; Transformer layers need a dot_product kernel"
+        )
+    if options.positions not in POSITION_KINDS:
+        raise ValueError(
+            f"options.positions: expected one of {POSITION_KINDS}, got {options.positions!r}"
+        )
+    if options.width % options.num_heads:
+        raise ValueError(
+            f"options.width ({options.width}) must be divisible by options.num_heads "
+            f"({options.num_heads})"
+        )
+    kv_heads = options.num_kv_heads or options.num_heads
+    if options.num_heads % kv_heads:
+        raise ValueError(
+            f"options.num_heads ({options.num_heads}) must be a multiple of "
+            f"options.num_kv_heads ({kv_heads})"
+        )
+    for name in ("dropout_rate", "attention_dropout_rate"):
+        if not 0.0 <= getattr(options, name) < 1.0:
+            raise ValueError(
+                f"options.{name}: expected a value in [0, 1), got {getattr(options, name)}"
+            )
+
+
+class TokenEmbedder(nn.Module):
+    """Token embeddings plus absolute positions (learned or sinusoidal; RoPE lives in the
+    attention layers)."""
+
+    vocab_size: int
+    options: TransformerOptions
+
+    def setup(self):
+        o = self.options
+        self.embed = nn.Embed(
+            self.vocab_size,
+            o.width,
+            embedding_init=nn.initializers.normal(1.0),
+            dtype=o.dtype,
+            param_dtype=o.param_dtype,
+        )
+        if o.positions == "learned":
+            self.learned = LearnedPositions(o.max_len, o.width, o.param_dtype)
+
+    def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """``x [batch, length, width]`` + encodings of ``positions [batch, length]``."""
+        o = self.options
+        if o.positions == "learned":
+            x = x + self.learned(positions).astype(x.dtype)
+        elif o.positions == "sinusoidal":
+            x = x + sinusoidal_positions(positions, o.width).astype(x.dtype)
+        return x
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """``tokens [batch, length]`` -> ``[batch, length, width]`` (scaled by sqrt(width))."""
+        x = self.embed(tokens) * jnp.sqrt(jnp.asarray(self.options.width, self.options.dtype))
+        return self.add_positions(x, positions)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Output logits tied to the embedding matrix: ``[..., width]`` -> ``[..., vocab]``."""
+        return self.embed.attend(x)
+
+
+class Mlp(nn.Module):
+    """``Dense(mlp_dim) -> GELU -> Dense(width)``."""
+
+    options: TransformerOptions
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        o = self.options
+        dense = lambda features, name: nn.Dense(
+            features, dtype=o.dtype, param_dtype=o.param_dtype, name=name
+        )
+        y = nn.gelu(dense(o.mlp_dim or 4 * o.width, "hidden")(x))
+        y = nn.Dropout(o.dropout_rate)(y, deterministic=deterministic)
+        return dense(o.width, "output")(y)
+
+
+def _attention(
+    o: TransformerOptions, *, is_causal: bool, rope: bool, name: str
+) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        num_heads=o.num_heads,
+        num_kv_heads=o.num_kv_heads,
+        attention=o.attention,
+        attention_kwargs=o.attention_kwargs,
+        is_causal=is_causal,
+        rope=rope,
+        dropout_rate=o.attention_dropout_rate,
+        dtype=o.dtype,
+        param_dtype=o.param_dtype,
+        name=name,
+    )
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm layer: ``x + SelfAttention(LN(x))``, then ``x + Mlp(LN(x))``."""
+
+    options: TransformerOptions
+    is_causal: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        deterministic: bool = True,
+        sow_weights: bool = False,
+        decode: bool = False,
+    ) -> jax.Array:
+        """``x [batch, length, width]``; ``mask`` broadcastable to ``[batch, heads, q, kv]``."""
+        o = self.options
+        norm = lambda name: nn.LayerNorm(dtype=o.dtype, param_dtype=o.param_dtype, name=name)
+        drop = nn.Dropout(o.dropout_rate)
+        y = _attention(o, is_causal=self.is_causal, rope=o.positions == "rope", name="attention")(
+            norm("attention_norm")(x),
+            mask=mask,
+            positions=positions,
+            deterministic=deterministic,
+            sow_weights=sow_weights,
+            decode=decode,
+        )
+        x = x + drop(y, deterministic=deterministic)
+        y = Mlp(o, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)
+        return x + drop(y, deterministic=deterministic)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-LayerNorm decoder layer: causal self-attention, cross-attention to ``memory``, MLP."""
+
+    options: TransformerOptions
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        memory: jax.Array,
+        *,
+        memory_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        deterministic: bool = True,
+        sow_weights: bool = False,
+        decode: bool = False,
+    ) -> jax.Array:
+        """``x [batch, tgt_len, width]``, ``memory [batch, src_len, width]``,
+        ``memory_mask`` broadcastable to ``[batch, heads, tgt_len, src_len]``."""
+        o = self.options
+        norm = lambda name: nn.LayerNorm(dtype=o.dtype, param_dtype=o.param_dtype, name=name)
+        drop = nn.Dropout(o.dropout_rate)
+        y = _attention(o, is_causal=True, rope=o.positions == "rope", name="self_attention")(
+            norm("self_attention_norm")(x),
+            positions=positions,
+            deterministic=deterministic,
+            sow_weights=sow_weights,
+            decode=decode,
+        )
+        x = x + drop(y, deterministic=deterministic)
+        y = _attention(o, is_causal=False, rope=False, name="cross_attention")(
+            norm("cross_attention_norm")(x),
+            memory,
+            mask=memory_mask,
+            deterministic=deterministic,
+            sow_weights=sow_weights,
+        )
+        x = x + drop(y, deterministic=deterministic)
+        y = Mlp(o, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)
+        return x + drop(y, deterministic=deterministic)
