@@ -1,0 +1,113 @@
+"""The MultiHeadAttention layer and position encodings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax import kernels, models
+
+
+def _x(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def test_self_and_cross_attention_shapes_and_gqa_parameters():
+    layer = models.MultiHeadAttention(num_heads=4, num_kv_heads=2, head_dim=8, out_features=12)
+    x, memory = _x((2, 5, 16)), _x((2, 7, 10), seed=1)
+    params = layer.init(jax.random.key(0), x, memory)["params"]
+    assert params["query"]["kernel"].shape == (16, 4, 8)
+    assert params["key"]["kernel"].shape == (10, 2, 8)
+    assert params["value"]["kernel"].shape == (10, 2, 8)
+    assert layer.apply({"params": params}, x, memory).shape == (2, 5, 12)
+    self_params = layer.init(jax.random.key(0), x)["params"]
+    assert layer.apply({"params": self_params}, x).shape == (2, 5, 12)
+
+
+def test_matches_hand_written_attention():
+    layer = models.MultiHeadAttention(num_heads=2, is_causal=True)
+    x = _x((1, 4, 6))
+    params = layer.init(jax.random.key(0), x)["params"]
+    q = jnp.einsum("bld,dhk->blhk", x, params["query"]["kernel"])
+    k = jnp.einsum("bld,dhk->blhk", x, params["key"]["kernel"])
+    v = jnp.einsum("bld,dhk->blhk", x, params["value"]["kernel"])
+    expected = jnp.einsum(
+        "blhk,hkd->bld",
+        jax.nn.dot_product_attention(q, k, v, is_causal=True),
+        params["out"]["kernel"],
+    )
+    np.testing.assert_allclose(layer.apply({"params": params}, x), expected, atol=1e-5)
+
+
+def test_sowed_weights_and_padding_mask():
+    layer = models.MultiHeadAttention(num_heads=2)
+    x = _x((2, 5, 8))
+    mask = (jnp.arange(5) < jnp.array([[3], [5]]))[:, None, None, :]
+    params = layer.init(jax.random.key(0), x)["params"]
+    _, state = layer.apply(
+        {"params": params}, x, mask=mask, sow_weights=True, mutable=["intermediates"]
+    )
+    (weights,) = state["intermediates"]["attention_weights"]
+    assert weights.shape == (2, 2, 5, 5)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+    assert np.all(np.asarray(weights)[0, :, :, 3:] == 0)
+
+
+def test_bad_configurations_raise_clear_errors():
+    x = _x((2, 5, 8))
+    with pytest.raises(ValueError, match="'attention'"):
+        models.MultiHeadAttention(num_heads=2, attention="additive").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        models.MultiHeadAttention(num_heads=4, num_kv_heads=3).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="self-attention only"):
+        models.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, x, decode=True)
+
+    @kernels.register("test_no_weights", capabilities={"mask"})
+    def no_weights(query, key, value, bias=None, mask=None):
+        return kernels.dot_product_attention(query, key, value, mask=mask)
+
+    try:
+        layer = models.MultiHeadAttention(num_heads=2, attention="test_no_weights")
+        params = layer.init(jax.random.key(0), x)["params"]
+        with pytest.raises(ValueError, match="sow_weights"):
+            layer.apply({"params": params}, x, sow_weights=True, mutable=["intermediates"])
+    finally:
+        kernels.unregister("test_no_weights")
+
+
+def test_compute_and_parameter_dtypes():
+    layer = models.MultiHeadAttention(num_heads=2, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    x = _x((2, 5, 8))
+    variables = layer.init(jax.random.key(0), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+    assert layer.apply(variables, x).dtype == jnp.bfloat16
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q, k = _x((1, 1, 1, 8)), _x((1, 1, 1, 8), seed=1)
+
+    def score(i, j):
+        rq = models.apply_rope(q, jnp.array([[i]]))
+        rk = models.apply_rope(k, jnp.array([[j]]))
+        return float(jnp.sum(rq * rk))
+
+    assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+    np.testing.assert_allclose(  # a rotation: norms are kept
+        jnp.linalg.norm(models.apply_rope(q, jnp.array([[7]]))), jnp.linalg.norm(q), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="even head_dim"):
+        models.apply_rope(_x((1, 2, 1, 5)), jnp.arange(2))
+
+
+def test_sinusoidal_and_learned_positions():
+    table = models.sinusoidal_positions(jnp.arange(6), 7)
+    assert table.shape == (6, 7)
+    np.testing.assert_allclose(table[0, :3], 0.0)  # sin(0)
+    np.testing.assert_allclose(table[0, 3:6], 1.0)  # cos(0)
+    learned = models.LearnedPositions(max_len=10, features=4)
+    params = learned.init(jax.random.key(0), jnp.arange(3))
+    out = learned.apply(params, jnp.array([[0, 2]]))
+    np.testing.assert_array_equal(out[0, 1], params["params"]["embedding"][2])
