@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from attn_jax.models.encoder_decoder import EncoderDecoder
 from attn_jax.models.lm import TransformerLM
+from attn_jax.models.positions import check_length
 from attn_jax.models.seq2seq_rnn import Seq2SeqRNN
 
 __all__ = [
@@ -298,6 +299,10 @@ def generate(
     """
     chex.assert_rank(prompt, 2)
     batch, prompt_len = prompt.shape
+    if model.options.positions == "learned":
+        check_length(
+            prompt_len + max_new_tokens, model.options.max_len, "prompt length + max_new_tokens"
+        )
     cache = init_cache(model, jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32))
     if prompt_len > 1:
         _, updated = model.apply(
@@ -397,6 +402,8 @@ def translate(
         carry = (cache, memory, memory_mask)
     else:
         raise ValueError(f"translate: unsupported model type {type(model).__name__}")
+    if isinstance(model, EncoderDecoder) and model.options.positions == "learned":
+        check_length(max_len, model.options.max_len, "max_len")
     start = jnp.full((src.shape[0],), bos_id, jnp.int32)
     return search(
         step,

@@ -12,7 +12,12 @@ import jax.numpy as jnp
 
 from attn_jax import kernels
 from attn_jax.models.attention import MultiHeadAttention
-from attn_jax.models.positions import POSITION_KINDS, LearnedPositions, sinusoidal_positions
+from attn_jax.models.positions import (
+    POSITION_KINDS,
+    LearnedPositions,
+    check_length,
+    sinusoidal_positions,
+)
 
 __all__ = [
     "DecoderLayer",
@@ -109,6 +114,7 @@ class TokenEmbedder(nn.Module):
         """``x [batch, length, width]`` + encodings of ``positions [batch, length]``."""
         o = self.options
         if o.positions == "learned":
+            check_length(x.shape[-2], o.max_len)
             x = x + self.learned(positions).astype(x.dtype)
         elif o.positions == "sinusoidal":
             x = x + sinusoidal_positions(positions, o.width).astype(x.dtype)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LearnedPositions", "apply_rope", "sinusoidal_positions"]
+__all__ = ["LearnedPositions", "apply_rope", "check_length", "sinusoidal_positions"]
 
 POSITION_KINDS = ("none", "rope", "sinusoidal", "learned")
 
@@ -48,6 +48,15 @@ def sinusoidal_positions(positions: jax.Array, features: int) -> jax.Array:
     return table
 
 
+def check_length(length: int, max_len: int, what: str = "sequence length") -> None:
+    """Raises ``ValueError`` when learned positions cannot cover ``length`` positions."""
+    if length > max_len:
+        raise ValueError(
+            f"options.max_len ({max_len}) is shorter than the {what} ({length}); "
+            "raise max_len or use positions='rope'/'sinusoidal'"
+        )
+
+
 class LearnedPositions(nn.Module):
     """Learned absolute position embeddings ``[max_len, features]``."""
 
@@ -57,11 +66,15 @@ class LearnedPositions(nn.Module):
 
     @nn.compact
     def __call__(self, positions: jax.Array) -> jax.Array:
-        """``positions [...]`` integers in ``[0, max_len)`` -> ``[..., features]``."""
+        """``positions [...]`` integers in ``[0, max_len)`` -> ``[..., features]``.
+
+        Callers check lengths against ``max_len`` (statically: :func:`check_length`);
+        positions beyond it are clipped to the last row rather than producing NaN.
+        """
         table = self.param(
             "embedding",
             nn.initializers.normal(0.02),
             (self.max_len, self.features),
             self.param_dtype,
         )
-        return jnp.take(table, positions, axis=0)
+        return jnp.take(table, positions, axis=0, mode="clip")

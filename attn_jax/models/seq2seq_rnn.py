@@ -63,6 +63,7 @@ class _DecoderCell(nn.Module):
         """``h [B, H]`` over ``memory [B, S, H]`` -> context ``[B, H]``, weights ``[B, S]``."""
         spec = kernels.spec(self.attention)
         interface = spec.capabilities.interface
+        h = h.astype(memory.dtype)
         mask = valid[:, None, None, :]  # [B, heads=1, q=1, S]
         values = memory[:, :, None, :]  # [B, S, 1 head, H]
         if interface == "additive":
@@ -144,6 +145,11 @@ class Seq2SeqRNN(nn.Module):
                 f"got {self.encoder_cell!r}"
             )
         if self.attention != "none":
+            if self.attention not in kernels.available():
+                raise ValueError(
+                    f"Seq2SeqRNN: 'attention' must be 'none' or a registered kernel "
+                    f"({', '.join(kernels.available())}), got {self.attention!r}"
+                )
             interface = kernels.capabilities(self.attention).interface
             if interface not in ("additive", "multiplicative", "dot_product"):
                 raise ValueError(
@@ -165,7 +171,8 @@ class Seq2SeqRNN(nn.Module):
             self.encoder = nn.RNN(cell(self.hidden_dim, **kw), return_carry=True)
         self.bridge = nn.Dense(self.hidden_dim, **kw)
         units = self.attention_units or self.hidden_dim
-        self.attention_keys = nn.Dense(units, use_bias=False, **kw)
+        if self._additive:  # projected keys W_k h, computed once per source sequence
+            self.attention_keys = nn.Dense(units, use_bias=False, **kw)
         self.decoder = nn.scan(
             _DecoderCell,
             variable_broadcast="params",
@@ -183,6 +190,13 @@ class Seq2SeqRNN(nn.Module):
             self.param_dtype,
         )
 
+    @property
+    def _additive(self) -> bool:
+        return (
+            self.attention != "none"
+            and kernels.capabilities(self.attention).interface == "additive"
+        )
+
     def _final_hidden(self, carry):
         """The hidden state from an encoder carry (LSTM: ``(c, h)``; GRU: ``h``)."""
         return carry[1] if self.encoder_cell == "lstm" else carry
@@ -190,8 +204,9 @@ class Seq2SeqRNN(nn.Module):
     def encode(self, src: jax.Array) -> tuple[Any, tuple[jax.Array, jax.Array, jax.Array]]:
         """``src [batch, src_len]`` -> (initial decoder state, encoder outputs).
 
-        The encoder outputs are ``(memory [B, S, hidden], keys [B, S, units], valid [B, S])``
-        (``keys`` are the additive score's projected keys, computed once per sequence).
+        The encoder outputs are ``(memory [B, S, hidden], keys, valid [B, S])``; ``keys`` are
+        the additive score's projected keys ``[B, S, units]`` (computed once per sequence),
+        or ``memory`` itself for other scores.
         """
         chex.assert_rank(src, 2, custom_message="src: expected [batch, src_len]")
         valid = src != self.pad_id
@@ -201,9 +216,10 @@ class Seq2SeqRNN(nn.Module):
             final = jnp.concatenate([self._final_hidden(c) for c in carry], -1)
         else:
             final = self._final_hidden(carry)
-        h0 = jnp.tanh(self.bridge(final))
+        memory = memory.astype(self.dtype)  # flax's RNN carries float32 state
+        h0 = jnp.tanh(self.bridge(final)).astype(self.dtype)
         state = ((jnp.zeros_like(h0), h0), jnp.zeros_like(h0))  # ((c, h), feed)
-        keys = self.attention_keys(memory)
+        keys = self.attention_keys(memory) if self._additive else memory
         return state, (memory, keys, valid)
 
     def decode_steps(self, state, tokens: jax.Array, encoded):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from attn_jax.models.blocks import TransformerOptions, check_options
 from attn_jax.models.encoder_stack import EncoderStack
-from attn_jax.models.positions import LearnedPositions, sinusoidal_positions
+from attn_jax.models.positions import LearnedPositions, check_length, sinusoidal_positions
 
 __all__ = ["VisionTransformer"]
 
@@ -64,6 +64,7 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, o.width)), x], 1)
         positions = jnp.arange(x.shape[1])[None, :]
         if o.positions == "learned":
+            check_length(x.shape[1], o.max_len, "number of patches + 1")
             x = x + LearnedPositions(o.max_len, o.width, o.param_dtype, name="positions")(
                 positions
             ).astype(x.dtype)
