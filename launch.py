@@ -1,11 +1,13 @@
-"""attn_jax entry point: ``python launch.py --config=configs/NAME.py[:ARG]``.
+"""attn_jax entry point: ``python launch.py --config=configs/NAME.py[:ARG] [--workdir=DIR]``.
 
 Configs are Python files with ``get_config(arg)``; any field can be overridden with
-``--config.FIELD=VALUE``. The default config, ``configs/kernel_demo.py``, runs every
-registered attention kernel on a small problem, checks it against the float64 reference
-and times it (training configs arrive with the experiment launcher)::
+``--config.FIELD=VALUE``. Training configs (``config.task = "train"``, e.g.
+``configs/mqar.py``) train and evaluate in ``--workdir`` (default ``runs/NAME[_ARG]``);
+rerunning the same command resumes from the newest checkpoint there. The kernel demo
+(``configs/kernel_demo.py``) runs every registered kernel on a small problem::
 
-    python launch.py --config.seq_len=256 --config.kernels=dot_product,additive
+    python launch.py --config=configs/mqar.py --config.model.attention=dot_product
+    python launch.py --config=configs/kernel_demo.py --config.kernels=dot_product,additive
 """
 
 from __future__ import annotations
@@ -14,23 +16,26 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import jax
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from attn_jax import demo, kernels
+from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
+from attn_jax.train.validate import ConfigError, validate_train_config
 
-DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "kernel_demo.py")
+ROOT = pathlib.Path(__file__).resolve().parent
+DEFAULT_CONFIG = str(ROOT / "configs" / "kernel_demo.py")
 # No default here: ml_collections would parse --config.* overrides at import time. The
 # default is inserted by parse_flags instead.
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, f"Experiment config file, optionally with :ARG (default {DEFAULT_CONFIG})."
 )
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory for training configs (default: runs/NAME[_ARG])."
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """An invalid config value; the message names the key."""
 
 
 def validate_kernel_demo(config: ConfigDict) -> list[str]:
@@ -88,13 +93,43 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise AssertionError("unreachable")
 
 
+def default_workdir() -> pathlib.Path:
+    """``runs/NAME[_ARG]`` from the ``--config`` file name and variant."""
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    name = pathlib.Path(spec.split(":")[0]).stem
+    arg = spec.split(":", 1)[1] if ":" in spec else ""
+    return pathlib.Path("runs") / (f"{name}_{arg}" if arg else name)
+
+
+def run_train(config: ConfigDict) -> None:
+    try:
+        validate_train_config(config, jax.local_device_count())
+    except ConfigError as error:
+        _fail(str(error))
+    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir()
+    print(f"workdir: {workdir}", flush=True)
+    try:
+        result = train_and_evaluate(config, workdir)
+    except TrainingDivergedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if result["interrupted"]:
+        sys.exit(143)
+    summary = " | ".join(f"{k} {v:.4f}" for k, v in result["eval"].items())
+    print(f"done: step {result['step']} | eval {summary} | outputs in {workdir}", flush=True)
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # jax's backend-probing INFO lines are noise here
     config = _CONFIG.value
-    if config.get("task") != "kernel_demo":
-        _fail(f"config.task: unknown task {config.get('task')!r}; expected 'kernel_demo'")
+    task = config.get("task")
+    if task == "train":
+        run_train(config)
+        return
+    if task != "kernel_demo":
+        _fail(f"config.task: unknown task {task!r}; expected 'train' or 'kernel_demo'")
     try:
         names = validate_kernel_demo(config)
     except ConfigError as error:

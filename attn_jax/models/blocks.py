@@ -103,7 +103,7 @@ class TokenEmbedder(nn.Module):
         self.embed = nn.Embed(
             self.vocab_size,
             o.width,
-            embedding_init=nn.initializers.normal(1.0),
+            embedding_init=nn.initializers.normal(self.options.width**-0.5),
             dtype=o.dtype,
             param_dtype=o.param_dtype,
         )
@@ -121,7 +121,12 @@ class TokenEmbedder(nn.Module):
         return x
 
     def __call__(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-        """``tokens [batch, length]`` -> ``[batch, length, width]`` (scaled by sqrt(width))."""
+        """``tokens [batch, length]`` -> ``[batch, length, width]``.
+
+        The table is initialised with standard deviation ``width ** -0.5`` and scaled by
+        ``sqrt(width)`` here, so inputs have unit scale and the tied output logits start
+        near zero.
+        """
         x = self.embed(tokens) * jnp.sqrt(jnp.asarray(self.options.width, self.options.dtype))
         return self.add_positions(x, positions)
 

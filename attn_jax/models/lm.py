@@ -44,6 +44,7 @@ class TransformerLM(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         sow_weights: bool = False,
+        output_positions: jax.Array | None = None,
     ) -> jax.Array:
         """Next-token logits.
 
@@ -58,9 +59,13 @@ class TransformerLM(nn.Module):
           decode: use and extend the KV cache (``mutable=['cache']``); see
             :mod:`attn_jax.decode`.
           sow_weights: record every layer's attention weights in ``'intermediates'``.
+          output_positions: ``[batch, n]`` indices: return logits at these positions only
+            (e.g. the answer positions of a recall task), saving the vocabulary projection
+            elsewhere.
 
         Returns:
-          ``[batch, length, vocab_size]`` float32 logits.
+          ``[batch, length, vocab_size]`` float32 logits (``[batch, n, vocab_size]`` with
+          ``output_positions``).
         """
         o = self.options
         check_options(o)
@@ -109,4 +114,7 @@ class TransformerLM(nn.Module):
                     decode=decode,
                 )
         x = nn.LayerNorm(dtype=o.dtype, param_dtype=o.param_dtype, name="final_norm")(x)
+        if output_positions is not None:
+            chex.assert_rank(output_positions, 2)
+            x = jnp.take_along_axis(x, output_positions[..., None], axis=1)
         return embedder.attend(x).astype(jnp.float32)

@@ -1,0 +1,93 @@
+"""Checks a training config before anything is written; errors name the config key."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from attn_jax import kernels
+from attn_jax.data.mqar import MQARConfig
+from attn_jax.models.blocks import check_options
+from attn_jax.train.tasks import TASKS, transformer_options
+
+__all__ = ["ConfigError", "validate_train_config"]
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message starts with the key, e.g. ``config.optim.x``."""
+
+
+def _positive(config: ml_collections.ConfigDict, path: str, *, allow_zero: bool = False) -> None:
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    ok = isinstance(node, int | float) and not isinstance(node, bool)
+    ok = ok and (node >= 0 if allow_zero else node > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config.{path}: expected a number {bound}, got {node!r}")
+
+
+def validate_train_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises :class:`ConfigError` for the first invalid value found."""
+    try:
+        if config.data.name not in TASKS:
+            raise ConfigError(
+                f"config.data.name: unknown task {config.data.name!r}; available: {sorted(TASKS)}"
+            )
+        attention = config.model.attention
+        if attention not in kernels.available():
+            raise ConfigError(
+                f"config.model.attention: unknown kernel {attention!r}; available: "
+                f"{', '.join(kernels.available())}"
+            )
+        for path in (
+            "optim.learning_rate",
+            "train.steps",
+            "train.batch_size",
+            "train.log_every",
+            "train.eval_every",
+            "train.checkpoint_every",
+            "train.keep_checkpoints",
+        ):
+            _positive(config, path)
+        for path in (
+            "optim.warmup_steps",
+            "optim.weight_decay",
+            "optim.grad_clip",
+            "train.num_devices",
+        ):
+            _positive(config, path, allow_zero=True)
+        devices = config.train.num_devices or num_devices
+        if config.train.num_devices > num_devices:
+            raise ConfigError(
+                f"config.train.num_devices: {config.train.num_devices} requested but only "
+                f"{num_devices} local devices"
+            )
+        if config.train.batch_size % devices:
+            raise ConfigError(
+                f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
+                f"{devices} devices"
+            )
+        if config.data.num_eval % config.train.batch_size:
+            raise ConfigError(
+                f"config.data.num_eval: {config.data.num_eval} must be a multiple of "
+                f"config.train.batch_size ({config.train.batch_size})"
+            )
+        if config.data.name == "mqar":
+            MQARConfig(
+                vocab_size=config.data.vocab_size,
+                seq_len=config.data.seq_len,
+                num_kv_pairs=config.data.num_kv_pairs,
+                power_a=config.data.get("power_a", 0.01),
+            ).validate("config.data")
+            options = transformer_options(config.model, config.data.seq_len)
+            try:
+                check_options(options)
+            except ValueError as error:
+                raise ConfigError(str(error).replace("options.", "config.model.")) from None
+    except (KeyError, AttributeError) as error:
+        raise ConfigError(f"config: missing key {error}") from None
+    except ConfigError:
+        raise
+    except ValueError as error:  # from the data/model checks, which name config keys
+        raise ConfigError(str(error)) from None

@@ -1,0 +1,49 @@
+"""Multi-query associative recall (Zoology, Arora et al. 2023) with a 2-layer Transformer.
+
+    python launch.py --config=configs/mqar.py                 # the quickstart run (CPU)
+    python launch.py --config=configs/mqar.py:quick           # a few steps, smoke test
+    python launch.py --config=configs/mqar.py --config.model.attention=dot_product
+
+Sizes follow Zoology's smallest setting: sequence length 64, 4 key-value pairs, vocabulary
+8192, model width 64 with one attention head per layer.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``arg``: ``None`` (the CPU quickstart run) or ``"quick"`` (a smoke test)."""
+    config = common.base_config()
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "mqar"
+    config.data.vocab_size = 8192
+    config.data.seq_len = 64
+    config.data.num_kv_pairs = 4
+    config.data.num_train = 100_000
+    config.data.num_eval = 2_048
+
+    config.model = ml_collections.ConfigDict()
+    config.model.attention = "dot_product"
+    config.model.width = 64
+    config.model.num_layers = 2
+    config.model.num_heads = 1
+    config.model.mlp_dim = 128
+    config.model.positions = "rope"
+
+    config.optim.learning_rate = 3e-3
+    config.train.steps = 1500
+    config.train.batch_size = 64
+    if arg == "quick":
+        config.data.num_train = 512
+        config.data.num_eval = 64
+        config.train.steps = 8
+        config.train.batch_size = 16
+        config.train.log_every = 2
+        config.train.eval_every = 4
+        config.train.checkpoint_every = 4
+        config.optim.warmup_steps = 2
+    elif arg is not None:
+        raise ValueError(f"configs/mqar.py: unknown variant {arg!r}; expected 'quick'")
+    return config

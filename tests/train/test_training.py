@@ -1,0 +1,188 @@
+"""The training loop: devices, resume, checkpoints, NaN guard, launcher errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from attn_jax.train.checkpoints import Checkpoints
+from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
+from attn_jax.train.validate import ConfigError, validate_train_config
+from configs import mqar
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _quick(**overrides):
+    config = mqar.get_config("quick")
+    config.data.vocab_size = 256  # small embeddings: fast to compile and to checkpoint
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+def _losses(workdir, split="train"):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if json.loads(line)["split"] == split]
+
+
+def test_quick_run_writes_every_output(tmp_path):
+    result = train_and_evaluate(_quick(), tmp_path)
+    assert result["step"] == 8 and result["resumed_from"] is None
+    assert set(result["eval"]) >= {"loss", "accuracy"}
+    for name in ("config.json", "versions.json", "metrics.jsonl", "learning_curve.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert list((tmp_path / "tensorboard").iterdir())
+    versions = json.loads((tmp_path / "versions.json").read_text())
+    assert {"jax", "flax", "optax", "git_commit"} <= set(versions)
+    assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == [4, 8]
+    # Rerunning the same config resumes at the end: nothing left to train.
+    again = train_and_evaluate(_quick(), tmp_path)
+    assert again["resumed_from"] == 8 and again["step"] == 8
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
+    assert jax.local_device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
+    train_and_evaluate(_quick(**{"train.num_devices": 1}), tmp_path / "one")
+    train_and_evaluate(_quick(**{"train.num_devices": 8}), tmp_path / "eight")
+    np.testing.assert_allclose(_losses(tmp_path / "one"), _losses(tmp_path / "eight"), rtol=2e-5)
+    np.testing.assert_allclose(
+        _losses(tmp_path / "one", "eval"), _losses(tmp_path / "eight", "eval"), rtol=2e-5
+    )
+
+
+def _final_params(workdir):
+    """(step, params) of the newest checkpoint in ``workdir``, restored as raw arrays."""
+    ckpt = Checkpoints(pathlib.Path(workdir) / "checkpoints", keep=3)
+    step = ckpt.steps()[-1]
+    state = ckpt.manager.restore(step, args=ocp.args.StandardRestore())
+    ckpt.close()
+    return step, state["params"]
+
+
+def _launch(workdir, *flags, env=None):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            f"--config={ROOT}/configs/mqar.py:quick",
+            "--config.data.vocab_size=256",
+            f"--workdir={workdir}",
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": "", **(env or {})},
+    )
+
+
+def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
+    flags = ("--config.train.steps=12", "--config.train.checkpoint_every=1")
+    full = _launch(tmp_path / "full", *flags)
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    interrupted = _launch(tmp_path / "killed", *flags)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    rng = np.random.default_rng()
+    target = int(rng.integers(1, 10))  # kill after a random number of checkpoints
+    while time.time() < deadline and interrupted.poll() is None:
+        done = (
+            [p for p in checkpoints.glob("*") if p.name.isdigit()] if checkpoints.exists() else []
+        )
+        if len(done) >= target:
+            interrupted.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    interrupted.wait(timeout=60)
+    resumed = _launch(tmp_path / "killed", *flags)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    step_a, params_a = _final_params(tmp_path / "full")
+    step_b, params_b = _final_params(tmp_path / "killed")
+    assert step_a == step_b == 12
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _digest(directory: pathlib.Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_corrupted_latest_checkpoint_is_skipped_with_a_message(tmp_path, capsys):
+    train_and_evaluate(_quick(), tmp_path)
+    latest = tmp_path / "checkpoints" / "8"
+    for path in latest.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"corrupted")
+    result = train_and_evaluate(_quick(), tmp_path)
+    out = capsys.readouterr().out
+    assert "checkpoint at step 8 is unreadable" in out and "falling back" in out
+    assert result["resumed_from"] == 4 and result["step"] == 8
+    (kept,) = (tmp_path / "unreadable_checkpoints").iterdir()  # moved aside, not deleted
+    assert kept.name.startswith("8_") and any(kept.rglob("*"))
+
+
+def test_nan_loss_stops_and_leaves_the_last_checkpoint_intact(tmp_path):
+    train_and_evaluate(_quick(), tmp_path)
+    before = _digest(tmp_path / "checkpoints")
+    diverging = _quick(**{"train.steps": 16, "optim.learning_rate": 1e30})
+    with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf)"):
+        train_and_evaluate(diverging, tmp_path)
+    assert _digest(tmp_path / "checkpoints") == before
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("optim.learning_rate", -1.0, "config.optim.learning_rate"),
+        ("model.attention", "nope", "config.model.attention: unknown kernel 'nope'"),
+        ("train.batch_size", 12, "config.train.batch_size: 12 is not divisible by the 8"),
+        ("data.num_kv_pairs", 40, "config.data.seq_len"),
+        ("model.num_heads", 3, "config.model.width"),
+        ("data.name", "imagenet", "config.data.name"),
+    ],
+)
+def test_invalid_config_values_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_train_config(_quick(**{key: value}), num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.optim.learning_rate=-1", "config.optim.learning_rate"),
+        ("--config.model.attention=nope", "config.model.attention"),
+        ("--config.train.batch_size=12", "config.train.batch_size"),
+        ("--config.model.nosuchkey=1", "--config.model.nosuchkey: no such key"),
+        ("--no_such_flag", "no_such_flag"),
+    ],
+)
+def test_launcher_rejects_bad_input_before_writing_anything(tmp_path, flag, message):
+    workdir = tmp_path / "run"
+    process = _launch(workdir, flag, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert not workdir.exists()
