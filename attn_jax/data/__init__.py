@@ -1,0 +1,1 @@
+"""Tasks' data: generators (deterministic by seed) and step-indexed batching."""
