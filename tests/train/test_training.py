@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,8 +42,22 @@ def _losses(workdir, split="train"):
     return [json.loads(line)["loss"] for line in lines if json.loads(line)["split"] == split]
 
 
-def test_quick_run_writes_every_output(tmp_path):
-    result = train_and_evaluate(_quick(), tmp_path)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A completed quick run (steps 8, checkpoints at 4 and 8) and its result."""
+    workdir = tmp_path_factory.mktemp("finished")
+    return workdir, train_and_evaluate(_quick(), workdir)
+
+
+@pytest.fixture
+def finished_copy(finished_run, tmp_path):
+    """A private copy of the finished run's workdir."""
+    shutil.copytree(finished_run[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_quick_run_writes_every_output(finished_run):
+    tmp_path, result = finished_run
     assert result["step"] == 8 and result["resumed_from"] is None
     assert set(result["eval"]) >= {"loss", "accuracy"}
     for name in ("config.json", "versions.json", "metrics.jsonl", "learning_curve.png"):
@@ -51,8 +66,10 @@ def test_quick_run_writes_every_output(tmp_path):
     versions = json.loads((tmp_path / "versions.json").read_text())
     assert {"jax", "flax", "optax", "git_commit"} <= set(versions)
     assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == [4, 8]
-    # Rerunning the same config resumes at the end: nothing left to train.
-    again = train_and_evaluate(_quick(), tmp_path)
+
+
+def test_rerun_resumes_at_the_end(finished_copy):
+    again = train_and_evaluate(_quick(), finished_copy)
     assert again["resumed_from"] == 8 and again["step"] == 8
 
 
@@ -129,8 +146,8 @@ def _digest(directory: pathlib.Path) -> dict[str, str]:
     }
 
 
-def test_corrupted_latest_checkpoint_is_skipped_with_a_message(tmp_path, capsys):
-    train_and_evaluate(_quick(), tmp_path)
+def test_corrupted_latest_checkpoint_is_skipped_with_a_message(finished_copy, capsys):
+    tmp_path = finished_copy
     latest = tmp_path / "checkpoints" / "8"
     for path in latest.rglob("*"):
         if path.is_file():
@@ -143,8 +160,8 @@ def test_corrupted_latest_checkpoint_is_skipped_with_a_message(tmp_path, capsys)
     assert kept.name.startswith("8_") and any(kept.rglob("*"))
 
 
-def test_nan_loss_stops_and_leaves_the_last_checkpoint_intact(tmp_path):
-    train_and_evaluate(_quick(), tmp_path)
+def test_nan_loss_stops_and_leaves_the_last_checkpoint_intact(finished_copy):
+    tmp_path = finished_copy
     before = _digest(tmp_path / "checkpoints")
     diverging = _quick(**{"train.steps": 16, "optim.learning_rate": 1e30})
     with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf)"):
