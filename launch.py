@@ -12,6 +12,7 @@ rerunning the same command resumes from the newest checkpoint there. The kernel 
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from ml_collections import ConfigDict, config_flags
 
 from attn_jax import demo, kernels
 from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
+from attn_jax.train.sweep import apply_overrides, run_sweep
 from attn_jax.train.validate import ConfigError, validate_train_config
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -33,6 +35,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory for training configs (default: runs/NAME[_ARG])."
+)
+_SWEEP = flags.DEFINE_bool(
+    "sweep", False, "Run every trial of the config's get_sweep(arg), each in WORKDIR/trial_NNN."
 )
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -101,13 +106,40 @@ def default_workdir() -> pathlib.Path:
     return pathlib.Path("runs") / (f"{name}_{arg}" if arg else name)
 
 
+def load_sweep(config: ConfigDict) -> list[dict]:
+    """Trials from the config file's ``get_sweep(arg)``, each validated before any runs."""
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("sweep_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        _fail(f"--sweep: {path} defines no get_sweep(arg)")
+    trials = module.get_sweep(arg or None)
+    for index, trial in enumerate(trials):
+        try:
+            validate_train_config(apply_overrides(config, trial), jax.local_device_count())
+        except (ConfigError, ValueError) as error:
+            _fail(f"sweep trial {index} {trial}: {error}")
+    return trials
+
+
 def run_train(config: ConfigDict) -> None:
     try:
         validate_train_config(config, jax.local_device_count())
     except ConfigError as error:
         _fail(str(error))
+    trials = load_sweep(config) if _SWEEP.value else None
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir()
     print(f"workdir: {workdir}", flush=True)
+    if trials is not None:
+        rows = run_sweep(config, trials, workdir, train_and_evaluate)
+        best = max(rows, key=lambda r: r.get("accuracy", -1.0))
+        print(
+            f"sweep done: {len(rows)} trials; best {best['trial']} accuracy "
+            f"{best.get('accuracy', float('nan')):.4f}; see {workdir}/leaderboard.md"
+        )
+        return
     try:
         result = train_and_evaluate(config, workdir)
     except TrainingDivergedError as error:

@@ -47,3 +47,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif arg is not None:
         raise ValueError(f"configs/mqar.py: unknown variant {arg!r}; expected 'quick'")
     return config
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """Trials for ``launch.py --sweep``: learning rate x positions (2 quick trials)."""
+    from attn_jax.train.sweep import product
+
+    if arg == "quick":
+        return product(**{"optim.learning_rate": [1e-3, 3e-3]})
+    return product(
+        **{"optim.learning_rate": [1e-3, 3e-3, 1e-2], "model.positions": ["learned", "rope"]}
+    )

@@ -1,0 +1,114 @@
+"""Sweeps: trial helpers, end-to-end runs, skipping finished trials."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
+from attn_jax.train.sweep import apply_overrides, product, random_choices, run_sweep, zipped
+from configs import mqar
+
+
+def test_trial_helpers():
+    assert product(**{"a": [1, 2], "b.c": ["x", "y"]}) == [
+        {"a": 1, "b.c": "x"},
+        {"a": 1, "b.c": "y"},
+        {"a": 2, "b.c": "x"},
+        {"a": 2, "b.c": "y"},
+    ]
+    assert zipped(a=[1, 2], b=[3, 4]) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+    with pytest.raises(ValueError, match="differ in length"):
+        zipped(a=[1], b=[1, 2])
+    trials = random_choices(20, seed=3, a=[1, 2, 3], b=["x", "y"])
+    assert trials == random_choices(20, seed=3, a=[1, 2, 3], b=["x", "y"])
+    assert {t["a"] for t in trials} == {1, 2, 3} and len(trials) == 20
+
+
+def test_apply_overrides_copies_and_checks_keys():
+    config = mqar.get_config("quick")
+    changed = apply_overrides(config, {"optim.learning_rate": 0.5, "model.positions": "learned"})
+    assert changed.optim.learning_rate == 0.5 and config.optim.learning_rate != 0.5
+    with pytest.raises(ValueError, match=r"config\.optim\.nope: no such key"):
+        apply_overrides(config, {"optim.nope": 1})
+
+
+def _quick():
+    config = mqar.get_config("quick")
+    config.data.vocab_size = 256
+    config.train.num_devices = 1
+    return config
+
+
+def test_two_trial_sweep_runs_and_rerun_skips_both(tmp_path, capsys):
+    trials = mqar.get_sweep("quick")
+    assert len(trials) == 2
+    rows = run_sweep(_quick(), trials, tmp_path, train_and_evaluate)
+    assert [r["trial"] for r in rows] == ["trial_000", "trial_001"]
+    assert all(r["status"] == "finished" and 0 <= r["accuracy"] <= 1 for r in rows)
+    with (tmp_path / "sweep.csv").open() as handle:
+        saved = list(csv.DictReader(handle))
+    assert [float(r["optim.learning_rate"]) for r in saved] == [1e-3, 3e-3]
+    assert (tmp_path / "leaderboard.md").read_text().count("| trial_") == 2
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+    def must_not_run(config, workdir):
+        raise AssertionError(f"finished trial {workdir} was run again")
+
+    again = run_sweep(_quick(), trials, tmp_path, must_not_run)
+    assert again == rows
+    assert capsys.readouterr().out.count("already finished, skipping") == 2
+
+
+def test_diverged_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    calls = []
+
+    def fake_train(config, workdir):
+        calls.append(config.optim.learning_rate)
+        if config.optim.learning_rate > 1:
+            raise TrainingDivergedError("loss is nan at step 3")
+        return {"eval": {"accuracy": 0.5, "loss": 1.0}, "interrupted": False}
+
+    trials = product(**{"optim.learning_rate": [10.0, 0.1]})
+    rows = run_sweep(_quick(), trials, tmp_path, fake_train)
+    assert calls == [10.0, 0.1]
+    assert rows[0]["status"] == "diverged" and math.isnan(rows[0]["accuracy"])
+    assert rows[1]["status"] == "finished" and rows[1]["accuracy"] == 0.5
+    board = (tmp_path / "leaderboard.md").read_text().splitlines()
+    assert "trial_001" in board[2]  # best first; the diverged trial ranks last
+
+
+def test_unknown_key_fails_before_any_trial_runs(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.model\.nope"):
+        run_sweep(
+            _quick(),
+            [{"optim.learning_rate": 0.1}, {"model.nope": 1}],
+            tmp_path,
+            lambda c, w: pytest.fail("ran a trial"),
+        )
+    assert not (tmp_path / "trial_000").exists()
+
+
+def test_launcher_sweep_flag(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable,
+        str(root / "launch.py"),
+        f"--config={root}/configs/mqar.py:quick",
+        "--config.data.vocab_size=256",
+        "--config.train.steps=4",
+        "--sweep",
+        f"--workdir={tmp_path}",
+    ]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "sweep done: 2 trials" in result.stdout
+    assert (tmp_path / "sweep.csv").exists() and (tmp_path / "trial_001" / "result.json").exists()
