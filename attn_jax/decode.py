@@ -42,6 +42,8 @@ __all__ = [
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
 METHODS = ("greedy", "sample", "beam")
 NEG_INF = -1e30
+# Keyword options of :func:`search`, static under jit in the model helpers.
+_SEARCH_OPTIONS = ("method", "eos_id", "pad_id", "beam_size", "alpha", "temperature", "top_k")
 
 
 def init_cache(model: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
@@ -262,17 +264,7 @@ def search(
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "model",
-        "max_new_tokens",
-        "method",
-        "eos_id",
-        "pad_id",
-        "beam_size",
-        "alpha",
-        "temperature",
-        "top_k",
-    ),
+    static_argnames=("model", "max_new_tokens", *_SEARCH_OPTIONS),
 )
 def generate(
     model: TransformerLM,
@@ -334,18 +326,7 @@ def generate(
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "model",
-        "max_len",
-        "bos_id",
-        "method",
-        "eos_id",
-        "pad_id",
-        "beam_size",
-        "alpha",
-        "temperature",
-        "top_k",
-    ),
+    static_argnames=("model", "max_len", "bos_id", *_SEARCH_OPTIONS),
 )
 def translate(
     model: EncoderDecoder | Seq2SeqRNN,

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attn_jax.kernels import Capabilities
 from attn_jax.kernels import reference as ref
 
 # DESIGN.md tolerances against float64: dtype -> (forward atol, gradient atol).
@@ -215,7 +214,7 @@ def check_weights(kernel: Callable[..., Any], case: Case) -> None:
     np.testing.assert_allclose(np.asarray(out), np.asarray(plain), atol=1e-6)
 
 
-def check_unsupported_raises(kernel: Callable[..., Any], case: Case, caps: Capabilities) -> None:
+def check_unsupported_raises(kernel: Callable[..., Any], case: Case) -> None:
     """A kernel without a capability must refuse the argument, never drop it."""
     (q, k, v, bias), kwargs = make_inputs(case, jnp.float32)
     with pytest.raises(ValueError):
