@@ -1,12 +1,15 @@
 """attn_jax entry point: ``python launch.py --config=configs/NAME.py[:ARG] [--workdir=DIR]``.
 
 Configs are Python files with ``get_config(arg)``; any field can be overridden with
-``--config.FIELD=VALUE``. Training configs (``config.task = "train"``, e.g.
+``--config.FIELD=VALUE``. Training configs (``config.task = "train"``, e.g. the default,
 ``configs/mqar.py``) train and evaluate in ``--workdir`` (default ``runs/NAME[_ARG]``);
-rerunning the same command resumes from the newest checkpoint there. The kernel demo
-(``configs/kernel_demo.py``) runs every registered kernel on a small problem::
+rerunning the same command resumes from the newest checkpoint there. ``--sweep`` runs the
+config's trials (grid or optuna), optionally side by side on device groups;
+``--distributed`` joins a multi-host job. The kernel demo (``configs/kernel_demo.py``)
+runs every registered kernel on a small problem::
 
     python launch.py --config=configs/mqar.py --config.model.attention=dot_product
+    python launch.py --config=configs/mqar.py --sweep --sweep_parallel=2
     python launch.py --config=configs/kernel_demo.py --config.kernels=dot_product,additive
 """
 
@@ -23,11 +26,12 @@ from ml_collections import ConfigDict, config_flags
 
 from attn_jax import demo, kernels
 from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
-from attn_jax.train.sweep import apply_overrides, run_sweep
+from attn_jax.train.optuna_search import run_study
+from attn_jax.train.sweep import SweepInterruptedError, apply_overrides, device_groups, run_sweep
 from attn_jax.train.validate import ConfigError, validate_train_config
 
 ROOT = pathlib.Path(__file__).resolve().parent
-DEFAULT_CONFIG = str(ROOT / "configs" / "kernel_demo.py")
+DEFAULT_CONFIG = str(ROOT / "configs" / "mqar.py")
 # No default here: ml_collections would parse --config.* overrides at import time. The
 # default is inserted by parse_flags instead.
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,7 +41,50 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory for training configs (default: runs/NAME[_ARG])."
 )
 _SWEEP = flags.DEFINE_bool(
-    "sweep", False, "Run every trial of the config's get_sweep(arg), each in WORKDIR/trial_NNN."
+    "sweep",
+    False,
+    "Sweep: run the trials of the config file's get_sweep(arg) (grid backend) or an optuna "
+    "study over its get_search_space(arg), each trial in WORKDIR/trial_NNN.",
+)
+_SWEEP_BACKEND = flags.DEFINE_enum(
+    "sweep_backend", "grid", ["grid", "optuna"], "How --sweep picks trials."
+)
+_SWEEP_PARALLEL = flags.DEFINE_integer(
+    "sweep_parallel",
+    1,
+    "Trials run side by side, each on its own group of local devices (the device count "
+    "divided by this).",
+)
+_OPTUNA_TRIALS = flags.DEFINE_integer(
+    "optuna_trials", 20, "Finished trials the optuna study should hold (all processes)."
+)
+_OPTUNA_STORAGE = flags.DEFINE_string(
+    "optuna_storage",
+    None,
+    "Optuna storage URL shared by every process of the study (default "
+    "sqlite:///WORKDIR/optuna.db).",
+)
+_OPTUNA_STUDY = flags.DEFINE_string(
+    "optuna_study", None, "Optuna study name (default: the workdir's name)."
+)
+_OPTUNA_SEED = flags.DEFINE_integer(
+    "optuna_seed", None, "Sampler seed (default random; give processes different seeds)."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Multi-host: call jax.distributed.initialize() before training (arguments from the "
+    "flags below, or auto-detected on TPU pods and SLURM).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (jax.distributed)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (jax.distributed)."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (jax.distributed).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "Devices this process uses, e.g. 0,1 (jax.distributed)."
 )
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -106,40 +153,120 @@ def default_workdir() -> pathlib.Path:
     return pathlib.Path("runs") / (f"{name}_{arg}" if arg else name)
 
 
-def load_sweep(config: ConfigDict) -> list[dict]:
-    """Trials from the config file's ``get_sweep(arg)``, each validated before any runs."""
+def _config_function(name: str):
+    """``name(arg)`` from the ``--config`` file, bound to its ``:ARG``."""
     spec = config_flags.get_config_filename(flags.FLAGS["config"])
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("sweep_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_sweep"):
-        _fail(f"--sweep: {path} defines no get_sweep(arg)")
-    trials = module.get_sweep(arg or None)
+    if not hasattr(module, name):
+        _fail(f"--sweep: {path} defines no {name}(arg)")
+    return lambda: getattr(module, name)(arg or None)
+
+
+def _validate_trial(config: ConfigDict, group_size: int) -> None:
+    """Raises ``ConfigError`` for a trial config that cannot run on ``group_size`` devices."""
+    validate_train_config(config, group_size, jax.process_count())
+
+
+def load_sweep(config: ConfigDict, group_size: int) -> list[dict]:
+    """Trials from the config file's ``get_sweep(arg)``, each validated before any runs."""
+    trials = _config_function("get_sweep")()
     for index, trial in enumerate(trials):
         try:
-            validate_train_config(apply_overrides(config, trial), jax.local_device_count())
+            trial_config = apply_overrides(config, trial)
+            if _SWEEP_PARALLEL.value > 1:
+                trial_config.train.num_devices = group_size
+            _validate_trial(trial_config, group_size)
         except (ConfigError, ValueError) as error:
             _fail(f"sweep trial {index} {trial}: {error}")
     return trials
 
 
-def run_train(config: ConfigDict) -> None:
+def run_sweep_flags(config: ConfigDict, workdir: pathlib.Path) -> None:
+    """``--sweep``: the grid trials or an optuna study, on ``--sweep_parallel`` groups."""
+    parallel = _SWEEP_PARALLEL.value
+    if parallel < 1:
+        _fail(f"--sweep_parallel: expected a positive integer, got {parallel}")
+    if parallel > 1 and jax.process_count() > 1:
+        _fail("--sweep_parallel: side-by-side trials need a single process (no --distributed)")
     try:
-        validate_train_config(config, jax.local_device_count())
+        groups = device_groups(parallel) if parallel > 1 else None
+    except ValueError as error:
+        _fail(f"--sweep_parallel: {error}")
+    group_size = len(groups[0]) if groups else jax.local_device_count()
+    if _SWEEP_BACKEND.value == "grid":
+        trials = load_sweep(config, group_size)
+        print(f"workdir: {workdir}", flush=True)
+        rows = run_sweep(config, trials, workdir, train_and_evaluate, groups=groups)
+    else:
+        if jax.process_count() > 1:
+            _fail(
+                "--sweep_backend=optuna: run one single-host process per trial stream, all "
+                "with the same --optuna_storage, instead of --distributed"
+            )
+        try:
+            space = _config_function("get_search_space")()
+            _validate_trial(config, group_size)
+        except (ConfigError, ValueError) as error:
+            _fail(f"--sweep_backend=optuna: {error}")
+        print(f"workdir: {workdir}", flush=True)
+        rows = run_study(
+            config,
+            space,
+            workdir,
+            train_and_evaluate,
+            num_trials=_OPTUNA_TRIALS.value,
+            storage=_OPTUNA_STORAGE.value,
+            study_name=_OPTUNA_STUDY.value,
+            seed=_OPTUNA_SEED.value,
+            groups=groups,
+            validate=lambda c: _validate_trial(c, group_size),
+        )
+    scored = [r for r in rows if r.get("accuracy") == r.get("accuracy")]  # drop NaN
+    best = max(scored, key=lambda r: r["accuracy"]) if scored else None
+    summary = f"best {best['trial']} accuracy {best['accuracy']:.4f}" if best else "none finished"
+    print(f"sweep done: {len(rows)} trials; {summary}; see {workdir}/leaderboard.md")
+
+
+def init_distributed() -> None:
+    """``--distributed``: ``jax.distributed.initialize`` from the flags (before any jax use)."""
+    if not _DISTRIBUTED.value:
+        if _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
+            _fail("--coordinator_address/--num_processes/--process_id need --distributed")
+        return
+    ids = _LOCAL_DEVICE_IDS.value
+    try:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+            local_device_ids=[int(i) for i in ids] if ids else None,
+        )
+    except (ValueError, RuntimeError) as error:
+        _fail(f"--distributed: jax.distributed.initialize failed: {error}")
+
+
+def run_train(config: ConfigDict) -> None:
+    init_distributed()
+    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir()
+    sweep_flags = [f for f in ("sweep_backend", "sweep_parallel") if flags.FLAGS[f].present]
+    sweep_flags += [f for f in flags.FLAGS if f.startswith("optuna_") and flags.FLAGS[f].present]
+    if sweep_flags and not _SWEEP.value:
+        _fail(f"--{sweep_flags[0]}: only applies with --sweep")
+    if _SWEEP.value:
+        try:
+            run_sweep_flags(config, workdir)
+        except SweepInterruptedError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(143)
+        return
+    try:
+        validate_train_config(config, jax.local_device_count(), jax.process_count())
     except ConfigError as error:
         _fail(str(error))
-    trials = load_sweep(config) if _SWEEP.value else None
-    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir()
     print(f"workdir: {workdir}", flush=True)
-    if trials is not None:
-        rows = run_sweep(config, trials, workdir, train_and_evaluate)
-        best = max(rows, key=lambda r: r.get("accuracy", -1.0))
-        print(
-            f"sweep done: {len(rows)} trials; best {best['trial']} accuracy "
-            f"{best.get('accuracy', float('nan')):.4f}; see {workdir}/leaderboard.md"
-        )
-        return
     try:
         result = train_and_evaluate(config, workdir)
     except TrainingDivergedError as error:

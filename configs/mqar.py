@@ -3,6 +3,8 @@
     python launch.py --config=configs/mqar.py                 # the quickstart run (CPU)
     python launch.py --config=configs/mqar.py:quick           # a few steps, smoke test
     python launch.py --config=configs/mqar.py --config.model.attention=dot_product
+    python launch.py --config=configs/mqar.py --sweep                 # grid: get_sweep()
+    python launch.py --config=configs/mqar.py --sweep --sweep_backend=optuna --optuna_trials=20
 
 Sizes follow Zoology's smallest setting: sequence length 64, 4 key-value pairs, vocabulary
 8192, model width 64 with one attention head per layer.
@@ -29,11 +31,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.width = 64
     config.model.num_layers = 2
     config.model.num_heads = 1
-    config.model.mlp_dim = 128
-    config.model.positions = "rope"
+    config.model.mlp_dim = 256
+    config.model.positions = "learned"
 
     config.optim.learning_rate = 3e-3
-    config.train.steps = 1500
+    config.optim.weight_decay = 0.0
+    config.train.steps = 2000
     config.train.batch_size = 64
     if arg == "quick":
         config.data.num_train = 512
@@ -58,3 +61,16 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     return product(
         **{"optim.learning_rate": [1e-3, 3e-3, 1e-2], "model.positions": ["learned", "rope"]}
     )
+
+
+def get_search_space(arg: str | None = None) -> dict:
+    """Search space for ``launch.py --sweep --sweep_backend=optuna``."""
+    from attn_jax.train.optuna_search import categorical, integers, log_uniform
+
+    if arg == "quick":
+        return {"optim.learning_rate": log_uniform(1e-3, 1e-2)}
+    return {
+        "optim.learning_rate": log_uniform(3e-4, 1e-2),
+        "optim.warmup_steps": integers(0, 300),
+        "model.positions": categorical(["learned", "rope"]),
+    }

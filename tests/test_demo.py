@@ -26,7 +26,10 @@ def test_demo_checks_every_kernel_against_the_reference():
     assert "| dot_product | dot_product | True |" in table
 
 
-def _launch(*args: str) -> subprocess.CompletedProcess:
+def _launch(*args: str, default: bool = False) -> subprocess.CompletedProcess:
+    """``launch.py`` with the kernel demo config, or with no ``--config`` (``default``)."""
+    if not default and not any(a.startswith("--config=") for a in args):
+        args = (f"--config={ROOT}/configs/kernel_demo.py", *args)
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
         capture_output=True,
@@ -36,7 +39,12 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_launch_runs_the_default_config_with_overrides():
+def test_the_default_config_is_the_mqar_experiment():
+    result = _launch("--config.data.num_kv_pairs=40", default=True)
+    assert result.returncode == 2 and "config.data.seq_len" in result.stderr, result.stderr
+
+
+def test_launch_runs_the_kernel_demo_with_overrides():
     result = _launch("--config.kernels=dot_product,pooling", "--config.seq_len=8")
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]

@@ -108,7 +108,10 @@ class TokenEmbedder(nn.Module):
             param_dtype=o.param_dtype,
         )
         if o.positions == "learned":
-            self.learned = LearnedPositions(o.max_len, o.width, o.param_dtype)
+            # Unit scale, like the scaled token embeddings: at std 0.02 the positions are
+            # drowned out and a 2-layer model stalls on recall tasks (MQAR at ~0.48
+            # accuracy after 6,000 steps; ~0.97 after 1,500 steps at unit scale).
+            self.learned = LearnedPositions(o.max_len, o.width, o.param_dtype, init_std=1.0)
 
     def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """``x [batch, length, width]`` + encodings of ``positions [batch, length]``."""

@@ -58,11 +58,13 @@ def check_length(length: int, max_len: int, what: str = "sequence length") -> No
 
 
 class LearnedPositions(nn.Module):
-    """Learned absolute position embeddings ``[max_len, features]``."""
+    """Learned absolute position embeddings ``[max_len, features]``, initialised from
+    ``normal(init_std)``: match the scale of what they are added to."""
 
     max_len: int
     features: int
     param_dtype: Any = jnp.float32
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, positions: jax.Array) -> jax.Array:
@@ -73,7 +75,7 @@ class LearnedPositions(nn.Module):
         """
         table = self.param(
             "embedding",
-            nn.initializers.normal(0.02),
+            nn.initializers.normal(self.init_std),
             (self.max_len, self.features),
             self.param_dtype,
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import signal
 import subprocess
 from importlib import metadata
 from typing import Any
@@ -21,6 +20,7 @@ from attn_jax.train.metrics import MetricsWriter, plot_learning_curve
 from attn_jax.train.optim import make_optimizer
 from attn_jax.train.state import TrainState
 from attn_jax.train.tasks import Task, build_task, init_params
+from attn_jax.train.termination import sigterm_stops, stop_requested
 
 __all__ = ["TrainingDivergedError", "train_and_evaluate"]
 
@@ -32,6 +32,7 @@ class TrainingDivergedError(RuntimeError):
 
 
 def _devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
+    """The first ``config.train.num_devices`` local devices (all of them for 0)."""
     devices = jax.local_devices()
     wanted = config.train.get("num_devices", 0) or len(devices)
     if wanted > len(devices):
@@ -42,8 +43,19 @@ def _devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
 
 
 def _shard(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
-    """``[batch, ...]`` -> ``[devices, batch // devices, ...]``."""
-    return {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
+    """This process's rows of a global batch, split over its devices:
+    ``[batch, ...]`` -> ``[devices, batch // (processes * devices), ...]``.
+
+    With several processes (multi-host), process ``p`` takes the ``p``-th contiguous slice,
+    so the global batch is the same as on one host with all the devices.
+    """
+    processes, index = jax.process_count(), jax.process_index()
+    out = {}
+    for key, value in batch.items():
+        rows = value.shape[0] // processes
+        local = value[index * rows : (index + 1) * rows]
+        out[key] = local.reshape(num_devices, -1, *value.shape[1:])
+    return out
 
 
 def _make_steps(task: Task, tx: optax.GradientTransformation):
@@ -87,27 +99,10 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-class _Termination:
-    """Turns SIGTERM into a flag checked between steps (a checkpoint is saved first)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+def _say(message: str, label: str = "") -> None:
+    """Prints on process 0 only."""
+    if jax.process_index() == 0:
+        print(f"{label}{message}", flush=True)
 
 
 def evaluate(task: Task, p_eval, params, batch_size: int, num_devices: int) -> dict[str, float]:
@@ -123,12 +118,26 @@ def evaluate(task: Task, p_eval, params, batch_size: int, num_devices: int) -> d
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    devices: list[jax.Device] | None = None,
+    label: str = "",
 ) -> dict[str, Any]:
     """Trains ``config`` in ``workdir``, resuming from its newest readable checkpoint.
 
     Writes ``config.json``, ``versions.json``, ``metrics.jsonl``, ``tensorboard/``,
-    ``checkpoints/`` and ``learning_curve.png``.
+    ``checkpoints/`` and ``learning_curve.png``. With several processes
+    (``jax.distributed``), each feeds its slice of the global batch to its local devices,
+    every process takes part in checkpointing (the workdir must be shared) and only
+    process 0 writes the other files and prints.
+
+    Args:
+      config: a validated training config.
+      workdir: the run directory.
+      devices: local devices to train on (default: ``config.train.num_devices`` of them);
+        parallel sweeps pass each trial its own group.
+      label: prefix of every console line (parallel sweeps pass the trial name).
 
     Returns:
       ``{"step": final step, "eval": final eval metrics, "resumed_from": step or None,
@@ -140,7 +149,13 @@ def train_and_evaluate(
     workdir = pathlib.Path(workdir)
     train = config.train
     task = build_task(config)
-    devices = _devices(config)
+    devices = devices or _devices(config)
+    if jax.process_count() > 1 and len(devices) != jax.local_device_count():
+        raise ValueError(
+            "config.train.num_devices: a multi-process run uses every local device "
+            f"({jax.local_device_count()}); got {len(devices)}"
+        )
+    writer_process = jax.process_index() == 0
     num_devices = len(devices)
     total_steps = train.steps
     tx = make_optimizer(config.optim, total_steps)
@@ -154,20 +169,24 @@ def train_and_evaluate(
         rng=jax.random.key_data(train_rng),
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    (workdir / "versions.json").write_text(json.dumps(_versions(), indent=2))
+    if writer_process:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        (workdir / "versions.json").write_text(json.dumps(_versions(), indent=2))
     checkpoints = Checkpoints(workdir / "checkpoints", keep=train.keep_checkpoints)
     restored = checkpoints.restore_latest(state)
     resumed_from = None
     if restored is not None:
         state, resumed_from = restored, int(restored.step)
-        print(f"resuming from step {resumed_from}", flush=True)
+        _say(f"resuming from step {resumed_from}", label)
 
     train_step, eval_step = _make_steps(task, tx)
-    p_train = jax.pmap(train_step, axis_name=AXIS, devices=devices, donate_argnums=(0,))
-    p_eval = jax.pmap(eval_step, axis_name=AXIS, devices=devices)
+    # Several processes: pmap must be given every process's devices (identically), and
+    # maps over the local ones; the collectives then span all of them.
+    mapped = devices if jax.process_count() == 1 else jax.devices()
+    p_train = jax.pmap(train_step, axis_name=AXIS, devices=mapped, donate_argnums=(0,))
+    p_eval = jax.pmap(eval_step, axis_name=AXIS, devices=mapped)
     pstate = flax.jax_utils.replicate(state, devices)
-    writer = MetricsWriter(workdir, total_steps)
+    writer = MetricsWriter(workdir, total_steps, label=label) if writer_process else None
     tokens_per_step = train.batch_size * task.tokens_per_example
     step = int(state.step)
     eval_metrics: dict[str, float] = {}
@@ -178,7 +197,7 @@ def train_and_evaluate(
         checkpoints.save(step, host_state, metrics)
 
     try:
-        with _Termination() as termination:
+        with sigterm_stops():
             while step < total_steps:
                 batch = _shard(task.train.batch(step, train.batch_size), num_devices)
                 pstate, metrics = p_train(pstate, batch)
@@ -190,7 +209,7 @@ def train_and_evaluate(
                         f"(step {checkpoints.steps()[-1] if checkpoints.steps() else 'none'}) "
                         "is intact: lower config.optim.learning_rate or check the data"
                     )
-                if step % train.log_every == 0 or step == total_steps:
+                if writer and (step % train.log_every == 0 or step == total_steps):
                     host = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
                     writer.write(step, "train", host)
                     writer.progress(step, host, tokens_per_step)
@@ -198,24 +217,26 @@ def train_and_evaluate(
                     eval_metrics = evaluate(
                         task, p_eval, pstate.params, train.batch_size, num_devices
                     )
-                    writer.write(step, "eval", eval_metrics)
-                    print(
+                    if writer:
+                        writer.write(step, "eval", eval_metrics)
+                    _say(
                         f"eval step {step}: "
                         + " | ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()),
-                        flush=True,
+                        label,
                     )
                     save(step, eval_metrics)
                 elif step % train.checkpoint_every == 0:
                     save(step, None)
-                if termination.requested:
-                    print(f"SIGTERM: saving a checkpoint at step {step} and stopping", flush=True)
+                if stop_requested():
+                    _say(f"SIGTERM: saving a checkpoint at step {step} and stopping", label)
                     save(step, None)
                     interrupted = True
                     break
     finally:
-        writer.close()
+        if writer:
+            writer.close()
         checkpoints.close()
-    if (workdir / "metrics.jsonl").stat().st_size:
+    if writer and (workdir / "metrics.jsonl").stat().st_size:
         plot_learning_curve(workdir / "metrics.jsonl", workdir / "learning_curve.png")
     return {
         "step": step,

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import threading
 import time
 
-__all__ = ["MetricsWriter", "format_duration", "plot_learning_curve"]
+__all__ = ["PLOT_LOCK", "MetricsWriter", "format_duration", "plot_learning_curve"]
+
+# matplotlib is not thread-safe; trials of a parallel sweep plot from several threads.
+PLOT_LOCK = threading.Lock()
 
 
 def format_duration(seconds: float) -> str:
@@ -19,14 +23,16 @@ def format_duration(seconds: float) -> str:
 class MetricsWriter:
     """Writes ``metrics.jsonl`` and TensorBoard events (tensorboardX) in ``workdir``.
 
-    Each JSONL line is ``{"step": s, "split": "train"|"eval", name: value, ...}``.
+    ``label`` prefixes the console progress line. Each JSONL line is
+    ``{"step": s, "split": "train"|"eval", name: value, ...}``.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, total_steps: int):
+    def __init__(self, workdir: str | pathlib.Path, total_steps: int, label: str = ""):
         from tensorboardX import SummaryWriter
 
         self.workdir = pathlib.Path(workdir)
         self.total_steps = total_steps
+        self.label = label
         self.jsonl = (self.workdir / "metrics.jsonl").open("a")
         self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
         self._last_time: float | None = None
@@ -56,7 +62,7 @@ class MetricsWriter:
                 f"{rate * tokens_per_step:,.0f} tokens/s",
                 f"ETA {eta}",
             ]
-        line = " | ".join(parts)
+        line = self.label + " | ".join(parts)
         print(line, flush=True)
         return line
 
@@ -67,6 +73,11 @@ class MetricsWriter:
 
 def plot_learning_curve(jsonl: str | pathlib.Path, png: str | pathlib.Path) -> None:
     """Train/eval loss and eval accuracy against step, from ``metrics.jsonl``."""
+    with PLOT_LOCK:
+        _plot_learning_curve(jsonl, png)
+
+
+def _plot_learning_curve(jsonl: str | pathlib.Path, png: str | pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

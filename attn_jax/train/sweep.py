@@ -3,28 +3,51 @@
 A trial is a dict of config overrides, ``{"optim.learning_rate": 3e-3, ...}``. Build lists
 of trials with :func:`product`, :func:`zipped` and :func:`random_choices`. :func:`run_sweep`
 runs each trial in ``<workdir>/trial_NNN`` (resumable like any run), skips trials whose
-``result.json`` exists, and writes ``sweep.csv``, ``leaderboard.md`` and ``sweep.png``.
+``result.json`` exists, can run several trials side by side on separate groups of devices
+(:func:`device_groups`), and writes ``sweep.csv``, ``leaderboard.md`` and ``sweep.png``.
+The optuna backend (:mod:`attn_jax.train.optuna_search`) writes the same summaries.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import copy
 import csv
+import io
 import itertools
 import json
 import math
+import os
 import pathlib
-from collections.abc import Callable, Sequence
+import queue
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
 from attn_jax.train.loop import TrainingDivergedError
+from attn_jax.train.metrics import PLOT_LOCK
+from attn_jax.train.termination import sigterm_stops, stop_requested
 
-__all__ = ["apply_overrides", "product", "random_choices", "run_sweep", "zipped"]
+__all__ = [
+    "SweepInterruptedError",
+    "apply_overrides",
+    "device_groups",
+    "product",
+    "random_choices",
+    "run_sweep",
+    "zipped",
+]
 
 Trial = dict[str, Any]
+TrainFn = Callable[..., dict[str, Any]]
+
+
+class SweepInterruptedError(RuntimeError):
+    """SIGTERM stopped the sweep; running trials saved checkpoints and resume on rerun."""
 
 
 def product(**axes: Sequence[Any]) -> list[Trial]:
@@ -69,14 +92,83 @@ def apply_overrides(
     return config
 
 
+def device_groups(
+    parallel: int, devices: Sequence[jax.Device] | None = None
+) -> list[list[jax.Device]]:
+    """Splits ``devices`` (default: every local device) into ``parallel`` equal groups."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    if parallel < 1 or len(devices) % parallel:
+        raise ValueError(
+            f"sweep parallel: {parallel} groups cannot split the {len(devices)} local devices "
+            "evenly; pass a divisor of the device count"
+        )
+    size = len(devices) // parallel
+    return [devices[i * size : (i + 1) * size] for i in range(parallel)]
+
+
+class DevicePool:
+    """Hands device groups to concurrent trials: each trial holds one group while it runs."""
+
+    def __init__(self, groups: Sequence[Sequence[jax.Device]] | None):
+        self.groups = [list(g) for g in groups] if groups else [None]
+        self._free: queue.Queue = queue.Queue()
+        for group in self.groups:
+            self._free.put(group)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[list[jax.Device] | None]:
+        group = self._free.get()
+        try:
+            yield group
+        finally:
+            self._free.put(group)
+
+    def map(self, fn: Callable[[Any, list[jax.Device] | None], Any], jobs: Sequence[Any]):
+        """``fn(job, group)`` for every job, ``len(self)`` at a time; results in job order.
+
+        Jobs not yet started when SIGTERM arrives are skipped (``None``).
+        """
+
+        def run(job):
+            if stop_requested():
+                return None
+            with self.acquire() as group:
+                return fn(job, group)
+
+        if len(self) == 1:
+            return [run(job) for job in jobs]
+        with concurrent.futures.ThreadPoolExecutor(len(self)) as pool:
+            return list(pool.map(run, jobs))
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    """Writes via a temporary file and a rename, so readers never see a partial file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_outputs(
+    rows: list[dict[str, Any]], keys: list[str], workdir: pathlib.Path, metric: str
+) -> None:
+    """``sweep.csv``, ``leaderboard.md`` (best first) and ``sweep.png`` (each swept key
+    against ``metric``) in ``workdir``."""
+    with PLOT_LOCK:  # matplotlib is not thread-safe
+        _write_outputs(rows, keys, workdir, metric)
+
+
 def _write_outputs(
     rows: list[dict[str, Any]], keys: list[str], workdir: pathlib.Path, metric: str
 ) -> None:
     columns = ["trial", *keys, *sorted({k for r in rows for k in r} - {"trial", *keys})]
-    with (workdir / "sweep.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(workdir / "sweep.csv", table.getvalue())
     ranked = sorted(rows, key=lambda r: -np.nan_to_num(r.get(metric, -math.inf), nan=-math.inf))
     lines = [f"| rank | trial | {' | '.join(keys)} | {metric} |", "| --- " * (len(keys) + 3) + "|"]
     for rank, row in enumerate(ranked, 1):
@@ -84,7 +176,7 @@ def _write_outputs(
         lines.append(
             f"| {rank} | {row['trial']} | {values} | {row.get(metric, float('nan')):.4f} |"
         )
-    (workdir / "leaderboard.md").write_text("\n".join(lines) + "\n")
+    _atomic_write(workdir / "leaderboard.md", "\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -107,7 +199,8 @@ def _write_outputs(
         ax.set(xlabel=key, ylabel=metric)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(workdir / "sweep.png", dpi=100)
+    fig.savefig(workdir / f".sweep.{os.getpid()}.png", dpi=100)
+    os.replace(workdir / f".sweep.{os.getpid()}.png", workdir / "sweep.png")
     plt.close(fig)
 
 
@@ -115,16 +208,29 @@ def run_sweep(
     config: ml_collections.ConfigDict,
     trials: list[Trial],
     workdir: str | pathlib.Path,
-    train_fn: Callable[[ml_collections.ConfigDict, pathlib.Path], dict[str, Any]],
+    train_fn: TrainFn,
     *,
     metric: str = "accuracy",
+    groups: Sequence[Sequence[jax.Device]] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every trial (skipping finished ones) and writes the sweep summaries.
 
     Every trial's config is built first, so an unknown key fails before anything runs.
 
+    Args:
+      config: the base config; each trial's overrides are applied to a copy.
+      trials: from ``get_sweep()``.
+      workdir: trial ``i`` runs in ``workdir/trial_{i:03d}``.
+      train_fn: ``train_fn(config, workdir, devices=group, label=name) -> {"eval": {...},
+        "interrupted": bool}``, e.g. :func:`attn_jax.train.loop.train_and_evaluate`.
+      metric: eval metric to rank by (higher is better).
+      groups: device groups (:func:`device_groups`): one trial runs on each group at a
+        time, side by side in threads; ``config.train.num_devices`` of each trial is set to
+        its group's size. ``None``: one trial at a time on the configured devices.
+
     A trial whose loss diverges is recorded (``status`` "diverged", metric NaN) and the
-    sweep goes on; an interrupted one (SIGTERM) stops the sweep and resumes on rerun.
+    sweep goes on. On SIGTERM, running trials save a checkpoint, no new trial starts and
+    :class:`SweepInterruptedError` is raised; a rerun resumes them.
 
     Returns:
       One row per trial: ``trial``, the overrides, ``status`` and the final eval metrics.
@@ -135,27 +241,48 @@ def run_sweep(
     configs = [apply_overrides(config, trial) for trial in trials]
     keys = list(dict.fromkeys(k for trial in trials for k in trial))
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index, (trial, trial_config) in enumerate(zip(trials, configs, strict=True)):
+    pool = DevicePool(groups)
+    writer_process = jax.process_index() == 0
+
+    def run_trial(index: int, group: list[jax.Device] | None) -> dict[str, Any] | None:
+        trial, trial_config = trials[index], configs[index]
         name = f"trial_{index:03d}"
         trial_dir = workdir / name
         done = trial_dir / "result.json"
         if done.exists():
             print(f"sweep: {name} already finished, skipping", flush=True)
-            result = json.loads(done.read_text())
-        else:
-            print(f"sweep: {name} {trial}", flush=True)
-            try:
-                result = train_fn(trial_config, trial_dir)
-                status = "interrupted" if result.get("interrupted") else "finished"
-            except TrainingDivergedError as error:
-                print(f"sweep: {name} diverged: {error}", flush=True)
-                result, status = {"eval": {metric: float("nan")}}, "diverged"
-            if status == "interrupted":  # resumable: no result.json, stop the sweep here
-                raise KeyboardInterrupt(f"sweep interrupted during {name}")
-            result = {"overrides": trial, "status": status, "eval": result["eval"]}
+            return json.loads(done.read_text())
+        where = f" on devices {[d.id for d in group]}" if group else ""
+        print(f"sweep: {name} {trial}{where}", flush=True)
+        extra = {}
+        if group:
+            trial_config = copy.deepcopy(trial_config)
+            trial_config.train.num_devices = len(group)
+            extra = {"devices": group, "label": f"[{name}] "}
+        try:
+            result = train_fn(trial_config, trial_dir, **extra)
+            status = "interrupted" if result.get("interrupted") else "finished"
+        except TrainingDivergedError as error:
+            print(f"sweep: {name} diverged: {error}", flush=True)
+            result, status = {"eval": {metric: float("nan")}}, "diverged"
+        if status == "interrupted":  # resumable: no result.json
+            return None
+        result = {"overrides": trial, "status": status, "eval": result["eval"]}
+        if writer_process:
             trial_dir.mkdir(parents=True, exist_ok=True)
-            done.write_text(json.dumps(result))
-        rows.append({"trial": name, **trial, "status": result["status"], **result["eval"]})
-    _write_outputs(rows, keys, workdir, metric)
+            _atomic_write(done, json.dumps(result))
+        return result
+
+    with sigterm_stops():
+        results = pool.map(lambda index, group: run_trial(index, group), range(len(trials)))
+    if any(result is None for result in results):
+        raise SweepInterruptedError(
+            "sweep interrupted: running trials saved a checkpoint; rerun the same command to resume"
+        )
+    rows = [
+        {"trial": f"trial_{i:03d}", **trial, "status": r["status"], **r["eval"]}
+        for i, (trial, r) in enumerate(zip(trials, results, strict=True))
+    ]
+    if writer_process:
+        write_outputs(rows, keys, workdir, metric)
     return rows

@@ -27,8 +27,14 @@ def _positive(config: ml_collections.ConfigDict, path: str, *, allow_zero: bool 
         raise ConfigError(f"config.{path}: expected a number {bound}, got {node!r}")
 
 
-def validate_train_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises :class:`ConfigError` for the first invalid value found."""
+def validate_train_config(
+    config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1
+) -> None:
+    """Raises :class:`ConfigError` for the first invalid value found.
+
+    ``num_devices``: local devices available; ``num_processes``: processes of a multi-host
+    job (the global batch is split over all their devices).
+    """
     try:
         if config.data.name not in TASKS:
             raise ConfigError(
@@ -57,16 +63,17 @@ def validate_train_config(config: ml_collections.ConfigDict, num_devices: int) -
             "train.num_devices",
         ):
             _positive(config, path, allow_zero=True)
-        devices = config.train.num_devices or num_devices
+        devices = (config.train.num_devices or num_devices) * num_processes
         if config.train.num_devices > num_devices:
             raise ConfigError(
                 f"config.train.num_devices: {config.train.num_devices} requested but only "
                 f"{num_devices} local devices"
             )
         if config.train.batch_size % devices:
+            across = f" of {num_processes} processes" if num_processes > 1 else ""
             raise ConfigError(
                 f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
-                f"{devices} devices"
+                f"{devices} devices{across}"
             )
         if config.data.num_eval % config.train.batch_size:
             raise ConfigError(

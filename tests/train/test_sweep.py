@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import threading
 
+import jax
 import pytest
 
 from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
-from attn_jax.train.sweep import apply_overrides, product, random_choices, run_sweep, zipped
+from attn_jax.train.sweep import (
+    SweepInterruptedError,
+    apply_overrides,
+    device_groups,
+    product,
+    random_choices,
+    run_sweep,
+    zipped,
+)
 from configs import mqar
 
 
@@ -42,10 +53,17 @@ def _quick():
     return config
 
 
-def test_two_trial_sweep_runs_and_rerun_skips_both(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def one_by_one(tmp_path_factory):
+    """The quick two-trial sweep, run one trial at a time on one device: (workdir, rows)."""
+    workdir = tmp_path_factory.mktemp("sweep")
+    return workdir, run_sweep(_quick(), mqar.get_sweep("quick"), workdir, train_and_evaluate)
+
+
+def test_two_trial_sweep_runs_and_rerun_skips_both(one_by_one, capsys):
+    tmp_path, rows = one_by_one
     trials = mqar.get_sweep("quick")
     assert len(trials) == 2
-    rows = run_sweep(_quick(), trials, tmp_path, train_and_evaluate)
     assert [r["trial"] for r in rows] == ["trial_000", "trial_001"]
     assert all(r["status"] == "finished" and 0 <= r["accuracy"] <= 1 for r in rows)
     with (tmp_path / "sweep.csv").open() as handle:
@@ -54,7 +72,7 @@ def test_two_trial_sweep_runs_and_rerun_skips_both(tmp_path, capsys):
     assert (tmp_path / "leaderboard.md").read_text().count("| trial_") == 2
     assert (tmp_path / "sweep.png").stat().st_size > 0
 
-    def must_not_run(config, workdir):
+    def must_not_run(config, workdir, **kwargs):
         raise AssertionError(f"finished trial {workdir} was run again")
 
     again = run_sweep(_quick(), trials, tmp_path, must_not_run)
@@ -65,7 +83,7 @@ def test_two_trial_sweep_runs_and_rerun_skips_both(tmp_path, capsys):
 def test_diverged_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     calls = []
 
-    def fake_train(config, workdir):
+    def fake_train(config, workdir, **kwargs):
         calls.append(config.optim.learning_rate)
         if config.optim.learning_rate > 1:
             raise TrainingDivergedError("loss is nan at step 3")
@@ -86,7 +104,7 @@ def test_unknown_key_fails_before_any_trial_runs(tmp_path):
             _quick(),
             [{"optim.learning_rate": 0.1}, {"model.nope": 1}],
             tmp_path,
-            lambda c, w: pytest.fail("ran a trial"),
+            lambda c, w, **kw: pytest.fail("ran a trial"),
         )
     assert not (tmp_path / "trial_000").exists()
 
@@ -112,3 +130,63 @@ def test_launcher_sweep_flag(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "sweep done: 2 trials" in result.stdout
     assert (tmp_path / "sweep.csv").exists() and (tmp_path / "trial_001" / "result.json").exists()
+
+
+def test_device_groups_split_evenly_or_refuse():
+    devices = jax.local_devices()
+    groups = device_groups(2)
+    assert [len(g) for g in groups] == [4, 4] and groups[0] + groups[1] == devices
+    with pytest.raises(ValueError, match="cannot split the 8 local devices"):
+        device_groups(3)
+
+
+def test_side_by_side_trials_match_trials_run_one_by_one(one_by_one, tmp_path, capsys):
+    """Two trials on two groups of 4 devices at once give the results of running them one
+    after the other (on 1 device: same global batch); each config records its group size."""
+    trials = mqar.get_sweep("quick")
+    together = run_sweep(_quick(), trials, tmp_path, train_and_evaluate, groups=device_groups(2))
+    for alone, both in zip(one_by_one[1], together, strict=True):
+        assert alone.keys() == both.keys() and alone["status"] == both["status"]
+        for key in ("loss", "accuracy"):
+            assert both[key] == pytest.approx(alone[key], rel=2e-5), key
+    out = capsys.readouterr().out
+    assert "on devices [0, 1, 2, 3]" in out and "on devices [4, 5, 6, 7]" in out
+    assert "[trial_001] step" in out  # progress lines name their trial
+    saved = json.loads((tmp_path / "trial_001" / "config.json").read_text())
+    assert saved["train"]["num_devices"] == 4
+
+
+def test_groups_run_concurrently_and_one_trial_per_group(tmp_path):
+    running, peak, lock = set(), [0], threading.Lock()
+    barrier = threading.Barrier(2, timeout=30)
+
+    def fake_train(config, workdir, devices, label):
+        with lock:
+            assert not any(d in running for d in devices), "a group was handed out twice"
+            running.update(devices)
+            peak[0] = max(peak[0], len(running))
+        barrier.wait()  # fails (BrokenBarrierError) unless two trials run at once
+        with lock:
+            running.difference_update(devices)
+        return {"eval": {"accuracy": config.optim.learning_rate}, "interrupted": False}
+
+    trials = product(**{"optim.learning_rate": [0.1, 0.2, 0.3, 0.4]})
+    rows = run_sweep(_quick(), trials, tmp_path, fake_train, groups=device_groups(2))
+    assert [r["accuracy"] for r in rows] == [0.1, 0.2, 0.3, 0.4] and peak[0] == 8
+
+
+def test_interrupted_trial_stops_the_sweep_and_resumes(tmp_path):
+    calls = []
+
+    def interrupted_once(config, workdir, **kwargs):
+        calls.append(workdir.name)
+        interrupted = len(calls) == 1
+        return {"eval": {"accuracy": 0.5}, "interrupted": interrupted}
+
+    trials = mqar.get_sweep("quick")
+    with pytest.raises(SweepInterruptedError, match="rerun"):
+        run_sweep(_quick(), trials, tmp_path, interrupted_once)
+    assert not (tmp_path / "trial_000" / "result.json").exists()
+    rows = run_sweep(_quick(), trials, tmp_path, interrupted_once)
+    assert calls == ["trial_000", "trial_001", "trial_000"]
+    assert [r["status"] for r in rows] == ["finished", "finished"]

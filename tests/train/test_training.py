@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -193,13 +194,72 @@ def test_invalid_config_values_name_the_key(key, value, message):
         ("--config.train.batch_size=12", "config.train.batch_size"),
         ("--config.model.nosuchkey=1", "--config.model.nosuchkey: no such key"),
         ("--no_such_flag", "no_such_flag"),
+        ("--sweep_parallel=2", "--sweep_parallel: only applies with --sweep"),
+        ("--sweep --sweep_parallel=3", "--sweep_parallel: sweep parallel: 3 groups cannot"),
+        ("--process_id=1", "need --distributed"),
     ],
 )
 def test_launcher_rejects_bad_input_before_writing_anything(tmp_path, flag, message):
     workdir = tmp_path / "run"
-    process = _launch(workdir, flag, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    process = _launch(workdir, *flag.split(), env=env)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
     assert not workdir.exists()
+
+
+def test_two_processes_train_like_one_process_with_all_their_devices(tmp_path):
+    """Multi-host on CPU: two processes of 2 devices each (jax.distributed, gloo) give the
+    losses of one process with 4 devices; only process 0 writes metrics."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    workers = [
+        _launch(
+            tmp_path / "two",
+            "--distributed",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={index}",
+            env=env,
+        )
+        for index in (0, 1)
+    ]
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, stderr
+    assert "step 8/8" in outputs[0][0] and "step 8/8" not in outputs[1][0]
+    train_and_evaluate(_quick(**{"train.num_devices": 4}), tmp_path / "one")
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=2e-5)
+    np.testing.assert_allclose(
+        _losses(tmp_path / "two", "eval"), _losses(tmp_path / "one", "eval"), rtol=2e-5
+    )
+    assert _final_params(tmp_path / "two")[0] == 8
+
+
+def test_sigterm_stops_a_parallel_sweep_with_a_checkpoint_per_running_trial(tmp_path):
+    flags = (
+        "--config.train.steps=100000",
+        "--config.train.checkpoint_every=100000",
+        "--config.train.eval_every=100000",
+        "--sweep",
+        "--sweep_parallel=2",
+    )
+    sweep = _launch(tmp_path, *flags, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    seen = set()
+    for line in sweep.stdout:
+        seen |= {name for name in ("[trial_000] step", "[trial_001] step") if name in line}
+        if len(seen) == 2:
+            break
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 143, err
+    assert "sweep interrupted" in err and "rerun the same command" in err
+    for trial in ("trial_000", "trial_001"):
+        assert f"[{trial}] SIGTERM: saving a checkpoint" in out
+        (saved,) = Checkpoints(tmp_path / trial / "checkpoints", keep=3).steps()
+        assert 0 < saved < 100000
+        assert not (tmp_path / trial / "result.json").exists()
