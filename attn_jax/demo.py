@@ -8,6 +8,7 @@ the jitted forward pass on this machine.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,7 +51,13 @@ def _example(
         kwargs = {"is_causal": True} if caps.causal else {}
         if interface == "dot_product":
             expected = reference.dot_product_attention(q, k, v, **kwargs)
-            return (lambda fn: fn(q, k, v, **kwargs)), expected
+
+            def call(fn):
+                # Random-feature kernels take an explicit key.
+                keyed = "rng" in inspect.signature(fn).parameters
+                return fn(q, k, v, **kwargs, **({"rng": jax.random.key(0)} if keyed else {}))
+
+            return call, expected
         weight = arr(heads, dim, dim) / np.sqrt(dim)
         kwargs.update(score="general", weight=weight, scale=1 / np.sqrt(dim))
         expected = reference.multiplicative_attention(q, k, v, **kwargs)

@@ -19,7 +19,9 @@ def test_demo_checks_every_kernel_against_the_reference():
     for row in rows:
         if row.note:  # a kernel with an interface the demo does not know
             continue
-        assert row.max_error is not None and row.max_error < 1e-4, row
+        assert row.max_error is not None and row.max_error >= 0, row
+        if row.exact:  # approximate kernels (linear, performer) compute something else
+            assert row.max_error < 1e-4, row
         assert row.milliseconds is not None and row.milliseconds > 0
     table = demo.format_table(rows)
     assert table.count("\n") == len(rows) + 1

@@ -7,9 +7,14 @@ kv_heads, head_dim]``; boolean masks (True = attend) and additive biases broadca
 
 from attn_jax.kernels.additive import additive_attention
 from attn_jax.kernels.checks import AttentionInputError
+from attn_jax.kernels.chunked import chunked_attention
 from attn_jax.kernels.dot_product import dot_product_attention
+from attn_jax.kernels.flash import flash_attention
 from attn_jax.kernels.flax_adapter import flax_attention_fn
+from attn_jax.kernels.linear import linear_attention
 from attn_jax.kernels.multiplicative import multiplicative_attention
+from attn_jax.kernels.pallas_flash import pallas_flash_attention
+from attn_jax.kernels.performer import performer_attention
 from attn_jax.kernels.pooling import attention_pooling
 from attn_jax.kernels.registry import (
     Capabilities,
@@ -21,6 +26,7 @@ from attn_jax.kernels.registry import (
     spec,
     unregister,
 )
+from attn_jax.kernels.sliding_window import sliding_window_attention
 
 __all__ = [
     "AttentionInputError",
@@ -30,11 +36,17 @@ __all__ = [
     "attention_pooling",
     "available",
     "capabilities",
+    "chunked_attention",
     "dot_product_attention",
+    "flash_attention",
     "flax_attention_fn",
     "get",
+    "linear_attention",
     "multiplicative_attention",
+    "pallas_flash_attention",
+    "performer_attention",
     "register",
+    "sliding_window_attention",
     "spec",
     "unregister",
 ]

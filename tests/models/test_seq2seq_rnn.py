@@ -66,7 +66,11 @@ CONFIGS = [
     Config("additive", "lstm", True),
     Config("multiplicative", "gru", False, score="dot"),
     Config("multiplicative", "lstm", True, score="general"),
-    *[Config(name, "gru", True) for name in kernels.available(interface="dot_product", exact=True)],
+    *[
+        Config(name, "gru", True)  # the decoder masks padding and sows alignments
+        for name in kernels.available(interface="dot_product", exact=True)
+        if kernels.capabilities(name).mask and kernels.capabilities(name).weights
+    ],
     Config("none", "lstm", False),
     Config("none", "gru", True, dtype="bfloat16"),
 ]

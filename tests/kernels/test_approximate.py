@@ -1,0 +1,137 @@
+"""Approximate kernels (``linear``, ``performer``): their own properties, each able to fail."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax import kernels
+from attn_jax.kernels import reference as ref
+
+
+def _qkv(seed=0, batch=2, q_len=12, kv_len=12, heads=4, kv_heads=2, dim=8, scale=1.0):
+    rng = np.random.RandomState(seed)
+    q = scale * rng.randn(batch, q_len, heads, dim)
+    k = scale * rng.randn(batch, kv_len, kv_heads, dim)
+    v = rng.randn(batch, kv_len, kv_heads, 5)
+    return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+
+
+def _linear_float64(q, k, v, causal, kv_lengths=None):
+    """The linear-attention formula evaluated directly (quadratic form) in float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    phi = lambda x: np.where(x > 0, x + 1.0, np.exp(x))  # elu(x) + 1
+    groups = q.shape[-2] // k.shape[-2]
+    k, v = np.repeat(k, groups, axis=-2), np.repeat(v, groups, axis=-2)
+    scores = np.einsum("bqhd,bkhd->bhqk", phi(q), phi(k))
+    if causal:
+        scores = scores * np.tril(np.ones(scores.shape[-2:]))
+    if kv_lengths is not None:
+        scores = (
+            scores
+            * (np.arange(k.shape[1])[None, :] < np.asarray(kv_lengths)[:, None])[:, None, None]
+        )
+    out = np.einsum("bhqk,bkhd->bqhd", scores, v)
+    return out / scores.sum(-1).transpose(0, 2, 1)[..., None]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_matches_its_formula_in_float64(causal):
+    q, k, v = _qkv()
+    lengths = jnp.array([12, 7])
+    # chunk 5 does not divide 12: exercises the chunk padding of the causal scan
+    out = kernels.linear_attention(
+        q, k, v, is_causal=causal, key_value_seq_lengths=lengths, chunk_size=5
+    )
+    np.testing.assert_allclose(
+        out, _linear_float64(q, k, v, causal, kv_lengths=lengths), atol=2e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["linear", "performer"])
+def test_causal_outputs_ignore_the_future(name):
+    q, k, v = _qkv(seed=1)
+    kwargs = {"rng": jax.random.key(0)} if name == "performer" else {}
+    fn = kernels.get(name)
+    out = fn(q, k, v, is_causal=True, **kwargs)
+    k2, v2 = k.at[:, 8:].add(3.0), v.at[:, 8:].add(3.0)
+    out2 = fn(q, k2, v2, is_causal=True, **kwargs)
+    np.testing.assert_allclose(out[:, :8], out2[:, :8], atol=1e-6)
+    assert not np.allclose(out[:, 8:], out2[:, 8:], atol=1e-3)
+    full = fn(q, k, v, is_causal=False, **kwargs)  # the last row sees every key either way
+    np.testing.assert_allclose(out[:, -1], full[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "performer"])
+def test_padding_and_gradients(name):
+    q, k, v = _qkv(seed=2)
+    kwargs = {"rng": jax.random.key(1)} if name == "performer" else {}
+    fn = kernels.get(name)
+    lengths = jnp.array([12, 5])
+    out = fn(q, k, v, key_value_seq_lengths=lengths, query_seq_lengths=lengths, **kwargs)
+    k2 = k.at[1, 5:].set(100.0)  # padded keys and values must not matter
+    v2 = v.at[1, 5:].set(-100.0)
+    out2 = fn(q, k2, v2, key_value_seq_lengths=lengths, query_seq_lengths=lengths, **kwargs)
+    np.testing.assert_allclose(out, out2, atol=1e-5)
+    assert np.all(np.asarray(out[1, 5:]) == 0)  # padded query rows are zeros
+    grads = jax.grad(lambda q, k, v: (fn(q, k, v, is_causal=True, **kwargs) ** 2).sum(), (0, 1, 2))(
+        q, k, v
+    )
+    assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in grads)
+
+
+def test_performer_approaches_softmax_attention_as_features_grow():
+    # Small logits: the FAVOR+ estimator's variance grows like exp(|q + k|^2).
+    q, k, v = _qkv(seed=3, q_len=16, kv_len=16, heads=2, kv_heads=2, dim=16, scale=0.35)
+    exact = ref.dot_product_attention(q, k, v)
+
+    def error(m):
+        outs = [
+            kernels.performer_attention(q, k, v, rng=jax.random.key(s), num_features=m)
+            for s in range(4)
+        ]
+        return float(np.mean([np.abs(np.asarray(o, np.float64) - exact).mean() for o in outs]))
+
+    errors = [error(m) for m in (8, 64, 512, 4096)]
+    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+    assert errors[3] < errors[1] / 4 and errors[3] < 0.02, errors
+
+
+def test_performer_is_keyed_by_its_rng():
+    q, k, v = _qkv(seed=4)
+    a = kernels.performer_attention(q, k, v, rng=jax.random.key(0))
+    b = kernels.performer_attention(q, k, v, rng=jax.random.key(0))
+    c = kernels.performer_attention(q, k, v, rng=jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    with pytest.raises(ValueError, match="'rng'"):
+        kernels.performer_attention(q, k, v)
+
+
+@pytest.mark.parametrize("name", ["linear", "performer"])
+@pytest.mark.parametrize(
+    "argument, value",
+    [
+        ("mask", jnp.ones((12, 12), bool)),
+        ("bias", jnp.zeros((12, 12))),
+        ("local_window_size", (2, 2)),
+        ("dropout_rate", 0.1),
+    ],
+)
+def test_arguments_without_a_feature_form_raise(name, argument, value):
+    q, k, v = _qkv()
+    kwargs = {"rng": jax.random.key(0)} if name == "performer" else {}
+    with pytest.raises(ValueError, match=argument):
+        kernels.get(name)(q, k, v, **{argument: value}, **kwargs)
+    if argument in ("mask", "bias"):  # called directly, not through the registry
+        fn = {"linear": kernels.linear_attention, "performer": kernels.performer_attention}[name]
+        with pytest.raises(ValueError, match=argument):
+            fn(q, k, v, **{argument: value}, **kwargs)
+
+
+def test_causal_needs_equal_lengths():
+    q, k, v = _qkv(q_len=4)
+    with pytest.raises(ValueError, match="is_causal"):
+        kernels.linear_attention(q, k, v, is_causal=True)

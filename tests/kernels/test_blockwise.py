@@ -1,0 +1,117 @@
+"""Blockwise kernels (flash, chunked, sliding_window) with blocks smaller than the problem,
+so block loops, padding, skipping and the custom VJP are really exercised."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attn_jax import kernels
+from attn_jax.kernels import blockwise
+from tests.kernels import conformance as cf
+
+MULTI_BLOCK_CASES = [
+    c
+    for c in cf.CASES
+    if c.name
+    in (
+        "random_mask",
+        "causal_q_lt_kv",
+        "causal_q_gt_kv",
+        "padding_empty_keys",
+        "window",
+        "window_causal_q_lt_kv",
+        "fully_masked_rows",
+        "bias_and_mask",
+        "cross_q_lt_kv",
+        "gqa",
+        "extra_batch_dims",
+        "sharp_softmax",
+    )
+]
+SMALL_BLOCKS = {
+    "flash": functools.partial(kernels.get("flash"), block_q=3, block_k=4),
+    "chunked": functools.partial(kernels.get("chunked"), query_chunk_size=4, key_chunk_size=3),
+    "sliding_window": functools.partial(kernels.get("sliding_window"), block_size=3),
+}
+
+
+@pytest.mark.parametrize("case", MULTI_BLOCK_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("name", sorted(SMALL_BLOCKS))
+def test_small_blocks_match_float64_reference(name, case):
+    missing = case.needs() - set(kernels.capabilities(name).supported())
+    if missing:
+        cf.check_unsupported_raises(SMALL_BLOCKS[name], case)
+        return
+    cf.check_against_reference(SMALL_BLOCKS[name], case, jnp.float32)
+
+
+def test_causal_and_window_skip_hidden_key_blocks():
+    def visited(**kwargs):
+        layout = blockwise.BlockLayout(
+            q_len=64, kv_len=64, kv_heads=1, groups=1, block_q=8, block_k=8,
+            num_q_blocks=8, num_k_blocks=8, scale=1.0, **kwargs,
+        )  # fmt: skip
+        ranges = [blockwise.kv_block_range(layout, jnp.int32(8 * i)) for i in range(8)]
+        return sum(int(hi) - int(lo) for lo, hi in ranges)
+
+    assert visited(is_causal=False, window=None) == 64
+    assert visited(is_causal=True, window=None) == 36  # the lower triangle: 8 * 9 / 2
+    assert visited(is_causal=False, window=(8, 8)) == 2 * 2 + 6 * 3  # a 3-block band
+    assert visited(is_causal=True, window=(4, 0)) == 8 + 7
+
+
+def test_flash_blockwise_callables_match_dense_arrays():
+    (q, k, v, _), _ = cf.make_inputs(cf.Case("c", q_len=9, kv_len=11, heads=4), jnp.float32)
+    alibi = lambda i, j: -0.3 * jnp.abs(i - j).astype(jnp.float32) * jnp.arange(1, 5)[:, None, None]
+    stripes = lambda i, j: (i + j) % 3 != 0
+    i, j = jnp.arange(9)[:, None], jnp.arange(11)[None, :]
+    dense = kernels.dot_product_attention(q, k, v, bias=alibi(i, j), mask=stripes(i, j))
+    flash = kernels.flash_attention(q, k, v, bias_fn=alibi, mask_fn=stripes, block_q=4, block_k=4)
+    np.testing.assert_allclose(flash, dense, atol=1e-6)
+    with pytest.raises(ValueError, match="bias_fn"):
+        kernels.flash_attention(q, k, v, bias_fn=lambda i, j: jnp.zeros((2, 2, 2, 2)))
+
+
+def test_flash_residual_and_its_gradient_match_dot_product():
+    case = cf.Case("c", q_len=7, kv_len=10, bias="full")
+    (q, k, v, bias), _ = cf.make_inputs(case, jnp.float32)
+
+    def loss(fn, q, k, v, bias):
+        out, lse = fn(q, k, v, bias, is_causal=True, return_residual=True)
+        return (out**2).sum() + (jnp.sin(lse)).sum()
+
+    flash = functools.partial(kernels.flash_attention, block_q=3, block_k=4)
+    want = jax.grad(functools.partial(loss, kernels.dot_product_attention), (0, 1, 2, 3))(
+        q, k, v, bias
+    )
+    got = jax.grad(functools.partial(loss, flash), (0, 1, 2, 3))(q, k, v, bias)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    _, lse = flash(q, k, v, bias, return_residual=True)
+    _, want_lse = kernels.dot_product_attention(q, k, v, bias, return_residual=True)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-5)
+
+
+def test_block_sizes_are_checked():
+    q = jnp.zeros((1, 4, 1, 8))
+    with pytest.raises(ValueError, match="block_q"):
+        kernels.flash_attention(q, q, q, block_q=0)
+
+
+@pytest.mark.parametrize(
+    "q_len, kv_len, heads, kv_heads, causal",
+    [(13, 13, 2, 2, False), (7, 19, 4, 2, True), (19, 7, 2, 1, True), (24, 24, 2, 2, True)],
+)
+def test_pallas_flash_with_several_blocks_matches_float64_reference(
+    q_len, kv_len, heads, kv_heads, causal
+):
+    case = cf.Case(
+        "pallas", q_len=q_len, kv_len=kv_len, heads=heads, kv_heads=kv_heads, is_causal=causal
+    )
+    kernel = functools.partial(kernels.get("pallas_flash"), block_q=8, block_k=8)
+    cf.check_against_reference(kernel, case, jnp.float32, record=False)
