@@ -20,6 +20,15 @@ os.environ["XLA_FLAGS"] = " ".join(
     [_existing] + [f"--{k}={v}" for k, v in _FLAGS.items() if k not in _existing]
 ).strip()
 
+# One persistent compilation cache per test run, shared by the xdist workers and by the
+# launch.py subprocesses the tests start (they inherit the environment): identical programs
+# (training steps, kernels under test in several files) compile once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="attn_jax_test_cache_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
