@@ -42,31 +42,27 @@ from attn_jax import kernels
 def define_flags() -> None:
     """The command-line flags (defined only when run as a script, so importing this module
     never clashes with other absl programs)."""
-    _ = {
-        "quick": flags.DEFINE_bool(
-            "quick", False, "A ~1 minute run: lengths 512 and 1024, float32."
-        ),
-        "kernels": flags.DEFINE_list(
-            "kernels", None, "Contenders (default: every dot_product kernel and the peers)."
-        ),
-        "seq_lens": flags.DEFINE_list(
-            "seq_lens",
-            ["512", "1024", "2048", "4096", "8192", "16384", "32768", "65536"],
-            "Lengths.",
-        ),
-        "head_dims": flags.DEFINE_list("head_dims", ["64"], "Head dimensions."),
-        "causal": flags.DEFINE_list("causal", ["false", "true"], "Causal settings to run."),
-        "dtypes": flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes."),
-        "modes": flags.DEFINE_list("modes", ["forward", "forward_backward"], "What to time."),
-        "batch": flags.DEFINE_integer("batch", 1, "Batch size."),
-        "heads": flags.DEFINE_integer("heads", 8, "Attention heads."),
-        "window": flags.DEFINE_integer("window", 256, "sliding_window: keys on each side."),
-        "repeats": flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median; >= 5)."),
-        "memory_fraction": flags.DEFINE_float(
-            "memory_fraction", 0.8, "Skip programs needing more than this fraction of memory."
-        ),
-        "out_dir": flags.DEFINE_string("out_dir", "runs/bench_kernels", "Output directory."),
-    }
+    flags.DEFINE_bool("quick", False, "A ~1 minute run: lengths 512 and 1024, float32.")
+    flags.DEFINE_list(
+        "kernels", None, "Contenders (default: every dot_product kernel and the peers)."
+    )
+    flags.DEFINE_list(
+        "seq_lens",
+        ["512", "1024", "2048", "4096", "8192", "16384", "32768", "65536"],
+        "Lengths.",
+    )
+    flags.DEFINE_list("head_dims", ["64"], "Head dimensions.")
+    flags.DEFINE_list("causal", ["false", "true"], "Causal settings to run.")
+    flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes.")
+    flags.DEFINE_list("modes", ["forward", "forward_backward"], "What to time.")
+    flags.DEFINE_integer("batch", 1, "Batch size.")
+    flags.DEFINE_integer("heads", 8, "Attention heads.")
+    flags.DEFINE_integer("window", 256, "sliding_window: keys on each side.")
+    flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median; >= 5).")
+    flags.DEFINE_float(
+        "memory_fraction", 0.8, "Skip programs needing more than this fraction of memory."
+    )
+    flags.DEFINE_string("out_dir", "runs/bench_kernels", "Output directory.")
 
 
 def contenders(window: int, causal: bool) -> dict[str, Callable[..., jax.Array]]:
