@@ -99,6 +99,13 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _first_replica(tree: Any) -> Any:
+    """Host numpy copy of device 0's replica of a pmapped pytree, read from this process's
+    own shard: no operation on the (multi-process) global array, hence no collective that
+    other processes would have to join."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
 def _say(message: str, label: str = "") -> None:
     """Prints on process 0 only."""
     if jax.process_index() == 0:
@@ -110,9 +117,9 @@ def evaluate(task: Task, p_eval, params, batch_size: int, num_devices: int) -> d
     totals: dict[str, float] = {}
     count = 0
     for batch in task.eval.batches(batch_size):
-        metrics = jax.device_get(p_eval(params, _shard(batch, num_devices)))
+        metrics = _first_replica(p_eval(params, _shard(batch, num_devices)))
         for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value[0])
+            totals[name] = totals.get(name, 0.0) + float(value)
         count += 1
     return {name: total / count for name, total in totals.items()}
 
@@ -193,7 +200,7 @@ def train_and_evaluate(
     interrupted = False
 
     def save(step: int, metrics: dict[str, float] | None) -> None:
-        host_state = jax.device_get(jax.tree.map(lambda x: x[0], pstate))
+        host_state = _first_replica(pstate)
         checkpoints.save(step, host_state, metrics)
 
     try:
@@ -202,7 +209,8 @@ def train_and_evaluate(
                 batch = _shard(task.train.batch(step, train.batch_size), num_devices)
                 pstate, metrics = p_train(pstate, batch)
                 step += 1
-                loss = float(metrics["loss"][0])
+                host = _first_replica(metrics)
+                loss = float(host["loss"])
                 if not np.isfinite(loss):
                     raise TrainingDivergedError(
                         f"loss is {loss} at step {step}; stopping. The last good checkpoint "
@@ -210,7 +218,7 @@ def train_and_evaluate(
                         "is intact: lower config.optim.learning_rate or check the data"
                     )
                 if writer and (step % train.log_every == 0 or step == total_steps):
-                    host = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+                    host = {k: float(v) for k, v in host.items()}
                     writer.write(step, "train", host)
                     writer.progress(step, host, tokens_per_step)
                 if step % train.eval_every == 0 or step == total_steps:
