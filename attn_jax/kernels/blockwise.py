@@ -16,11 +16,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attn_jax.kernels import checks, softmax_core
+from attn_jax.kernels.dot_product import validate_softmax_inputs
 
-__all__ = ["BlockLayout", "Canonical", "block_visibility", "canonicalize", "kv_block_range"]
+__all__ = [
+    "BlockLayout",
+    "Canonical",
+    "block_visibility",
+    "canonicalize",
+    "kv_block_range",
+    "pad_to",
+]
 
 MASK_VALUE = softmax_core.MASK_VALUE
 
@@ -67,7 +74,8 @@ class Canonical:
     out_dtype: Any
 
 
-def _pad_to(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
+def pad_to(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
+    """``x`` padded with ``value`` at the end of ``axis`` up to ``size``."""
     pad = size - x.shape[axis]
     if pad == 0:
         return x
@@ -96,27 +104,22 @@ def canonicalize(
     dtype: Any = None,
 ) -> Canonical:
     """Validates the ``dot_product`` arguments and brings them to the canonical layout."""
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    checks.check_qkv(query, key, value)
-    if dtype is None:
-        checks.check_same_dtype(query, key, value)
+    query, key, value, bias, mask, window, out_dtype = validate_softmax_inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        local_window_size=local_window_size,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        dtype=dtype,
+    )
+    checks.check_block_sizes(block_q=block_q, block_k=block_k)
     batch_shape = tuple(query.shape[:-3])
     q_len, heads, dim = query.shape[-3:]
     kv_len, kv_heads = key.shape[-3], key.shape[-2]
     target = softmax_core.logits_shape(batch_shape, heads, q_len, kv_len)
-    bias = None if bias is None else jnp.asarray(bias)
-    mask = None if mask is None else jnp.asarray(mask)
-    checks.check_broadcastable(bias, target, "bias")
-    checks.check_broadcastable(mask, target, "mask", boolean=True)
-    checks.check_lengths(query_seq_lengths, batch_shape, "query_seq_lengths")
-    checks.check_lengths(key_value_seq_lengths, batch_shape, "key_value_seq_lengths")
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(size, int | np.integer) or size < 1:
-            raise checks.AttentionInputError(
-                f"argument '{name}': expected a positive integer, got {size!r}"
-            )
-    window = checks.normalize_window(local_window_size)
-    out_dtype = query.dtype if dtype is None else jnp.dtype(dtype)
 
     batch = math.prod(batch_shape)
     groups = heads // kv_heads
@@ -129,11 +132,11 @@ def canonicalize(
     q = to_f32(query).reshape(batch, q_len, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
     k = to_f32(key).reshape(batch, kv_len, kv_heads, dim).transpose(0, 2, 1, 3)
     v = to_f32(value).reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
-    q, k, v = _pad_to(q, 3, nq * bq), _pad_to(k, 2, nk * bk), _pad_to(v, 2, nk * bk)
+    q, k, v = pad_to(q, 3, nq * bq), pad_to(k, 2, nk * bk), pad_to(v, 2, nk * bk)
 
     def full(x, fill):
         x = jnp.broadcast_to(x, target).reshape(batch, kv_heads, groups, q_len, kv_len)
-        return _pad_to(_pad_to(x, 3, nq * bq, fill), 4, nk * bk, fill)
+        return pad_to(pad_to(x, 3, nq * bq, fill), 4, nk * bk, fill)
 
     def lengths(x):
         return None if x is None else jnp.asarray(x, jnp.int32).reshape(batch)

@@ -7,6 +7,7 @@ the offending argument. Shape checks go through chex so the usual chex tooling a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import chex
 import jax
@@ -155,3 +156,10 @@ def normalize_window(local_window_size: int | Sequence[int] | None) -> tuple[int
     if min(window) < 0:
         _fail("local_window_size", f"window sizes must be >= 0, got {window}")
     return window
+
+
+def check_block_sizes(**sizes: Any) -> None:
+    """Block or chunk sizes must be positive integers: ``check_block_sizes(block_q=64)``."""
+    for name, size in sizes.items():
+        if isinstance(size, bool | np.bool_) or not isinstance(size, int | np.integer) or size < 1:
+            _fail(name, f"expected a positive integer, got {size!r}")

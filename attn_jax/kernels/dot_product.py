@@ -12,7 +12,46 @@ import jax.numpy as jnp
 from attn_jax.kernels import checks, softmax_core
 from attn_jax.kernels.registry import Capabilities, register
 
-__all__ = ["dot_product_attention", "prepare_softmax_inputs"]
+__all__ = ["dot_product_attention", "prepare_softmax_inputs", "validate_softmax_inputs"]
+
+
+def validate_softmax_inputs(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    *,
+    local_window_size: int | Sequence[int] | None,
+    query_seq_lengths: jax.Array | None,
+    key_value_seq_lengths: jax.Array | None,
+    dtype: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None, Any, Any]:
+    """Checks the arguments shared by softmax kernels (errors name the argument).
+
+    ``query`` / ``key`` / ``value`` follow ``[batch..., len, heads, dim]``; ``bias`` and
+    ``mask`` broadcast to ``[batch..., heads, q_len, kv_len]``; lengths are ``[batch...]``.
+    Without ``dtype``, query, key and value must share one dtype.
+
+    Returns:
+      ``(query, key, value, bias, mask, window, out_dtype)`` as arrays, the window as
+      ``(left, right)`` or ``None``.
+    """
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    bias = None if bias is None else jnp.asarray(bias)
+    mask = None if mask is None else jnp.asarray(mask)
+    checks.check_qkv(query, key, value)
+    batch_shape = query.shape[:-3]
+    target = softmax_core.logits_shape(batch_shape, query.shape[-2], query.shape[-3], key.shape[-3])
+    checks.check_broadcastable(bias, target, "bias")
+    checks.check_broadcastable(mask, target, "mask", boolean=True)
+    checks.check_lengths(query_seq_lengths, batch_shape, "query_seq_lengths")
+    checks.check_lengths(key_value_seq_lengths, batch_shape, "key_value_seq_lengths")
+    window = checks.normalize_window(local_window_size)
+    if dtype is None:
+        checks.check_same_dtype(query, key, value)
+    out_dtype = query.dtype if dtype is None else jnp.dtype(dtype)
+    return query, key, value, bias, mask, window, out_dtype
 
 
 def prepare_softmax_inputs(
@@ -28,33 +67,25 @@ def prepare_softmax_inputs(
     key_value_seq_lengths: jax.Array | None,
     dtype: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None, Any]:
-    """Validates the shared arguments of softmax kernels and combines every mask.
-
-    ``query`` / ``key`` / ``value`` follow ``[batch..., len, heads, dim]``; ``bias`` and
-    ``mask`` broadcast to ``[batch..., heads, q_len, kv_len]``; lengths are ``[batch...]``.
-    Without ``dtype``, query, key and value must share one dtype.
+    """Validates the shared arguments of softmax kernels (:func:`validate_softmax_inputs`)
+    and combines every mask.
 
     Returns:
       ``(query, key, value, bias, combined_mask, out_dtype)`` with inputs cast to ``dtype``
       when given.
     """
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    bias = None if bias is None else jnp.asarray(bias)
-    mask = None if mask is None else jnp.asarray(mask)
-    checks.check_qkv(query, key, value)
-    batch_shape = query.shape[:-3]
-    q_len, heads = query.shape[-3], query.shape[-2]
-    kv_len = key.shape[-3]
-    target = softmax_core.logits_shape(batch_shape, heads, q_len, kv_len)
-    checks.check_broadcastable(bias, target, "bias")
-    checks.check_broadcastable(mask, target, "mask", boolean=True)
-    checks.check_lengths(query_seq_lengths, batch_shape, "query_seq_lengths")
-    checks.check_lengths(key_value_seq_lengths, batch_shape, "key_value_seq_lengths")
-    window = checks.normalize_window(local_window_size)
-    if dtype is None:
-        checks.check_same_dtype(query, key, value)
-
-    out_dtype = query.dtype if dtype is None else jnp.dtype(dtype)
+    query, key, value, bias, mask, window, out_dtype = validate_softmax_inputs(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        local_window_size=local_window_size,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        dtype=dtype,
+    )
+    q_len, kv_len = query.shape[-3], key.shape[-3]
     if dtype is not None:
         query, key, value = (x.astype(dtype) for x in (query, key, value))
     combined = softmax_core.build_mask(

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from attn_jax.kernels import checks, softmax_core
+from attn_jax.kernels import blockwise, checks, softmax_core
 from attn_jax.kernels.registry import Capabilities, register
 
 __all__ = ["pallas_flash_attention"]
@@ -221,12 +221,6 @@ def _out(shape: tuple[int, ...], dtype: Any, like: jax.Array) -> jax.ShapeDtypeS
     )
 
 
-def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 @register("pallas_flash", capabilities=Capabilities(causal=True, gqa=True))
 def pallas_flash_attention(
     query: jax.Array,
@@ -263,11 +257,7 @@ def pallas_flash_attention(
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     checks.check_qkv(query, key, value)
     checks.check_same_dtype(query, key, value)
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(size, int) or size < 1:
-            raise checks.AttentionInputError(
-                f"argument '{name}': expected a positive integer, got {size!r}"
-            )
+    checks.check_block_sizes(block_q=block_q, block_k=block_k)
     batch_shape = query.shape[:-3]
     q_len, heads, d = query.shape[-3:]
     kv_len, kv_heads = key.shape[-3:-1]
@@ -289,11 +279,11 @@ def pallas_flash_attention(
     )
     # [batch..., len, heads, d] -> [batch * kv_heads, groups, len, d]
     q = query.reshape(batch, q_len, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
-    q = _pad(q.reshape(batch * kv_heads, groups, q_len, d), 2, nq * bq)
+    q = blockwise.pad_to(q.reshape(batch * kv_heads, groups, q_len, d), 2, nq * bq)
     k = key.reshape(batch, kv_len, kv_heads, d).transpose(0, 2, 1, 3)
-    k = _pad(k.reshape(batch * kv_heads, kv_len, d), 1, nk * bk)
+    k = blockwise.pad_to(k.reshape(batch * kv_heads, kv_len, d), 1, nk * bk)
     v = value.reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
-    v = _pad(v.reshape(batch * kv_heads, kv_len, -1), 1, nk * bk)
+    v = blockwise.pad_to(v.reshape(batch * kv_heads, kv_len, -1), 1, nk * bk)
     out = _attention(st, q, k, v)[:, :, :q_len]
     out = out.reshape(batch, kv_heads, groups, q_len, -1).transpose(0, 3, 1, 2, 4)
     return out.reshape(*batch_shape, q_len, heads, -1)

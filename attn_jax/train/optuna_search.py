@@ -14,7 +14,6 @@ trial.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import pathlib
 import time
@@ -30,6 +29,7 @@ from attn_jax.train.sweep import (
     SweepInterruptedError,
     TrainFn,
     apply_overrides,
+    on_group,
     write_outputs,
 )
 from attn_jax.train.termination import sigterm_stops, stop_requested
@@ -165,11 +165,7 @@ def run_study(
         trial.set_user_attr("workdir", name)
         trial_config = apply_overrides(config, overrides)
         with pool.acquire() as group:
-            extra = {}
-            if group:
-                trial_config = copy.deepcopy(trial_config)
-                trial_config.train.num_devices = len(group)
-                extra = {"devices": group, "label": f"[{name}] "}
+            trial_config, extra = on_group(trial_config, group, name)
             if validate is not None:
                 validate(trial_config)
             print(f"optuna: {name} {overrides}", flush=True)

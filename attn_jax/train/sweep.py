@@ -144,6 +144,19 @@ class DevicePool:
             return list(pool.map(run, jobs))
 
 
+def on_group(
+    config: ml_collections.ConfigDict, group: list[jax.Device] | None, name: str
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """A trial's config and ``train_fn`` keyword arguments for running on ``group``:
+    ``config.train.num_devices`` becomes the group's size and console lines carry the
+    trial's name. ``group=None``: unchanged, no extra arguments."""
+    if not group:
+        return config, {}
+    config = copy.deepcopy(config)
+    config.train.num_devices = len(group)
+    return config, {"devices": group, "label": f"[{name}] "}
+
+
 def _atomic_write(path: pathlib.Path, text: str) -> None:
     """Writes via a temporary file and a rename, so readers never see a partial file."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -254,11 +267,7 @@ def run_sweep(
             return json.loads(done.read_text())
         where = f" on devices {[d.id for d in group]}" if group else ""
         print(f"sweep: {name} {trial}{where}", flush=True)
-        extra = {}
-        if group:
-            trial_config = copy.deepcopy(trial_config)
-            trial_config.train.num_devices = len(group)
-            extra = {"devices": group, "label": f"[{name}] "}
+        trial_config, extra = on_group(trial_config, group, name)
         try:
             result = train_fn(trial_config, trial_dir, **extra)
             status = "interrupted" if result.get("interrupted") else "finished"
