@@ -275,7 +275,9 @@ def run_train(config: ConfigDict) -> None:
     if result["interrupted"]:
         sys.exit(143)
     summary = " | ".join(f"{k} {v:.4f}" for k, v in result["eval"].items())
-    print(f"done: step {result['step']} | eval {summary} | outputs in {workdir}", flush=True)
+    final = " | ".join(f"{k} {v:.4f}" for k, v in result["final"].items() if isinstance(v, float))
+    final = f" | final {final}" if final else ""
+    print(f"done: step {result['step']} | eval {summary}{final} | outputs in {workdir}", flush=True)
 
 
 def main(argv: Sequence[str]) -> None:

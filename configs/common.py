@@ -27,3 +27,49 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 250
     config.train.keep_checkpoints = 3
     return config
+
+
+def scan_data() -> ml_collections.ConfigDict:
+    """``config.data`` of SCAN: the split, the monitored test subset, length buckets."""
+    data = ml_collections.ConfigDict()
+    data.name = "scan"
+    data.split = "simple"  # simple | length | addprim_jump
+    data.num_eval = 512  # test pairs evaluated (teacher-forced) while training
+    data.bucket_by = "target"  # final exact match by action-sequence length
+    data.length_buckets = [8, 16, 22, 32, 40]
+    return data
+
+
+def numbers_data() -> ml_collections.ConfigDict:
+    """``config.data`` of English -> German number translation (``attn_jax.data.numbers``)."""
+    data = ml_collections.ConfigDict()
+    data.name = "numbers"
+    data.max_digits = 9  # numbers below 10**9: 1 to 22 English tokens
+    data.num_train = 20_000
+    data.num_valid = 1_024
+    data.num_test = 2_000
+    data.num_eval = 512  # validation pairs evaluated (teacher-forced) while training
+    data.bucket_by = "source"  # final BLEU / exact match by English length
+    data.length_buckets = [4, 8, 12, 16]
+    return data
+
+
+def lm_model() -> ml_collections.ConfigDict:
+    """``config.model`` of a small decoder LM (copy, induction heads): RoPE, 2 layers."""
+    model = ml_collections.ConfigDict()
+    model.attention = "dot_product"
+    model.width = 64
+    model.num_layers = 2
+    model.num_heads = 4
+    model.mlp_dim = 256
+    model.positions = "rope"
+    return model
+
+
+def digits_data() -> ml_collections.ConfigDict:
+    """``config.data`` of scikit-learn's 8x8 digits (``attn_jax.data.digits``)."""
+    data = ml_collections.ConfigDict()
+    data.name = "digits"
+    data.test_fraction = 0.2  # 1,437 train / 360 test images, stratified
+    data.num_eval = 320  # test images evaluated while training (a multiple of the batch)
+    return data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attn_jax import kernels
+from attn_jax import kernels, masks
 from attn_jax.models.positions import apply_rope
 
 __all__ = ["MultiHeadAttention"]
@@ -62,6 +64,7 @@ class MultiHeadAttention(nn.Module):
         inputs_kv: jax.Array | None = None,
         *,
         mask: jax.Array | None = None,
+        kv_lengths: jax.Array | None = None,
         positions: jax.Array | None = None,
         deterministic: bool = True,
         sow_weights: bool = False,
@@ -74,6 +77,9 @@ class MultiHeadAttention(nn.Module):
           inputs_kv: ``[batch, kv_len, kv_features]``; ``None`` for self-attention.
           mask: boolean, broadcastable to ``[batch, heads, q_len, kv_len]``; True = attend.
             In decode mode ``kv_len`` is the cache length.
+          kv_lengths: ``[batch]`` valid lengths of right-padded keys/values: passed to the
+            kernel as ``key_value_seq_lengths`` if it takes them (the linear, Performer and
+            sliding-window kernels take no mask), otherwise turned into a mask.
           positions: ``[batch, q_len]`` integer positions for RoPE (default ``0..q_len-1``,
             offset by the cache index when decoding).
           deterministic: disables dropout.
@@ -133,8 +139,18 @@ class MultiHeadAttention(nn.Module):
                 key = apply_rope(key, positions)
         if self.rope:
             query = apply_rope(query, positions)
+        if kv_lengths is not None:
+            if spec.capabilities.seq_lengths:
+                kwargs["key_value_seq_lengths"] = kv_lengths
+            else:
+                padding = masks.lengths_to_mask(kv_lengths, key.shape[1])[:, None, None, :]
+                mask = padding if mask is None else jnp.logical_and(mask, padding)
         if mask is not None:
             kwargs["mask"] = mask
+        if "rng" in inspect.signature(spec.fn).parameters and "rng" not in kwargs:
+            # Random-feature kernels (Performer): one fixed draw of features per layer,
+            # derived from the layer's path, so every call computes the same function.
+            kwargs["rng"] = jax.random.key(zlib.crc32("/".join(self.path).encode()))
         if self.dropout_rate > 0.0 and not deterministic:
             kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=self.make_rng("dropout"))
         if sow_weights:

@@ -183,18 +183,22 @@ class EncoderLayer(nn.Module):
         x: jax.Array,
         *,
         mask: jax.Array | None = None,
+        kv_lengths: jax.Array | None = None,
         positions: jax.Array | None = None,
         deterministic: bool = True,
         sow_weights: bool = False,
         decode: bool = False,
     ) -> jax.Array:
-        """``x [batch, length, width]``; ``mask`` broadcastable to ``[batch, heads, q, kv]``."""
+        """``x [batch, length, width]``; ``mask`` broadcastable to ``[batch, heads, q, kv]``;
+        ``kv_lengths [batch]``: valid lengths of right-padded ``x`` (see
+        :class:`MultiHeadAttention`)."""
         o = self.options
         norm = lambda name: nn.LayerNorm(dtype=o.dtype, param_dtype=o.param_dtype, name=name)
         drop = nn.Dropout(o.dropout_rate)
         y = _attention(o, is_causal=self.is_causal, rope=o.positions == "rope", name="attention")(
             norm("attention_norm")(x),
             mask=mask,
+            kv_lengths=kv_lengths,
             positions=positions,
             deterministic=deterministic,
             sow_weights=sow_weights,

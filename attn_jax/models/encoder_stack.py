@@ -21,6 +21,7 @@ class EncoderStack(nn.Module):
         x: jax.Array,
         *,
         mask: jax.Array | None = None,
+        kv_lengths: jax.Array | None = None,
         positions: jax.Array | None = None,
         deterministic: bool = True,
         sow_weights: bool = False,
@@ -28,7 +29,8 @@ class EncoderStack(nn.Module):
         """``x [batch, length, width]`` -> ``[batch, length, width]``.
 
         ``mask`` broadcasts to ``[batch, heads, length, length]`` (e.g. key padding
-        ``[batch, 1, 1, length]``).
+        ``[batch, 1, 1, length]``); ``kv_lengths [batch]`` are the valid lengths of
+        right-padded inputs, for kernels that take lengths instead of masks.
         """
         o = self.options
         x = nn.Dropout(o.dropout_rate)(x, deterministic=deterministic)
@@ -36,6 +38,7 @@ class EncoderStack(nn.Module):
             x = EncoderLayer(o, name=f"layer_{i}")(
                 x,
                 mask=mask,
+                kv_lengths=kv_lengths,
                 positions=positions,
                 deterministic=deterministic,
                 sow_weights=sow_weights,

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from attn_jax.train.checkpoints import Checkpoints
-from attn_jax.train.metrics import MetricsWriter, plot_learning_curve
+from attn_jax.train.metrics import PLOT_LOCK, MetricsWriter, plot_learning_curve
 from attn_jax.train.optim import make_optimizer
 from attn_jax.train.state import TrainState
 from attn_jax.train.tasks import Task, build_task, init_params
@@ -134,7 +134,9 @@ def train_and_evaluate(
     """Trains ``config`` in ``workdir``, resuming from its newest readable checkpoint.
 
     Writes ``config.json``, ``versions.json``, ``metrics.jsonl``, ``tensorboard/``,
-    ``checkpoints/`` and ``learning_curve.png``. With several processes
+    ``checkpoints/`` and ``learning_curve.png``; once training is complete, the task's
+    final evaluation of the last parameters (``final_metrics.json``) and example attention
+    heatmaps (``attention/*.png``). With several processes
     (``jax.distributed``), each feeds its slice of the global batch to its local devices,
     every process takes part in checkpointing (the workdir must be shared) and only
     process 0 writes the other files and prints.
@@ -147,8 +149,9 @@ def train_and_evaluate(
       label: prefix of every console line (parallel sweeps pass the trial name).
 
     Returns:
-      ``{"step": final step, "eval": final eval metrics, "resumed_from": step or None,
-      "interrupted": bool}``.
+      ``{"step": final step, "eval": final eval metrics, "final": the task's final
+      evaluation (process 0; empty if interrupted or the task has none), "resumed_from":
+      step or None, "interrupted": bool}``.
 
     Raises:
       TrainingDivergedError: the loss became NaN/inf (no checkpoint of it is written).
@@ -246,9 +249,34 @@ def train_and_evaluate(
         checkpoints.close()
     if writer and (workdir / "metrics.jsonl").stat().st_size:
         plot_learning_curve(workdir / "metrics.jsonl", workdir / "learning_curve.png")
+    final: dict[str, Any] = {}
+    if writer_process and not interrupted:
+        final = _final_evaluation(task, _first_replica(pstate.params), workdir, label)
     return {
         "step": step,
         "eval": eval_metrics,
+        "final": final,
         "resumed_from": resumed_from,
         "interrupted": interrupted,
     }
+
+
+def _final_evaluation(task: Task, params: Any, workdir: pathlib.Path, label: str) -> dict:
+    """The task's final evaluation (``final_metrics.json``) and example attention plots
+    (``attention/*.png``) for the trained ``params``."""
+    final: dict[str, Any] = {}
+    if task.final_eval is not None:
+        final = task.final_eval(params)
+        (workdir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        scalars = {k: v for k, v in final.items() if isinstance(v, float)}
+        _say("final evaluation: " + " | ".join(f"{k} {v:.4g}" for k, v in scalars.items()), label)
+    if task.plot_examples is not None:
+        try:
+            with PLOT_LOCK:
+                paths = task.plot_examples(params, workdir / "attention")
+        except Exception as error:  # a picture must not cost the finished run its summary
+            _say(f"warning: attention plots failed: {type(error).__name__}: {error}", label)
+        else:
+            where = f"{len(paths)} in {workdir / 'attention'}" if paths else "none (no weights)"
+            _say(f"attention plots: {where}", label)
+    return final

@@ -217,6 +217,12 @@ def _write_outputs(
     plt.close(fig)
 
 
+def _final(result: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of a trial's final evaluation, as ``final/NAME`` columns."""
+    final = result.get("final", {})
+    return {f"final/{k}": v for k, v in final.items() if isinstance(v, float)}
+
+
 def run_sweep(
     config: ml_collections.ConfigDict,
     trials: list[Trial],
@@ -225,6 +231,7 @@ def run_sweep(
     *,
     metric: str = "accuracy",
     groups: Sequence[Sequence[jax.Device]] | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Runs every trial (skipping finished ones) and writes the sweep summaries.
 
@@ -233,13 +240,14 @@ def run_sweep(
     Args:
       config: the base config; each trial's overrides are applied to a copy.
       trials: from ``get_sweep()``.
-      workdir: trial ``i`` runs in ``workdir/trial_{i:03d}``.
+      workdir: trial ``i`` runs in ``workdir/trial_{i:03d}`` (or ``workdir/names[i]``).
       train_fn: ``train_fn(config, workdir, devices=group, label=name) -> {"eval": {...},
         "interrupted": bool}``, e.g. :func:`attn_jax.train.loop.train_and_evaluate`.
       metric: eval metric to rank by (higher is better).
       groups: device groups (:func:`device_groups`): one trial runs on each group at a
         time, side by side in threads; ``config.train.num_devices`` of each trial is set to
         its group's size. ``None``: one trial at a time on the configured devices.
+      names: directory names of the trials (distinct), instead of ``trial_NNN``.
 
     A trial whose loss diverges is recorded (``status`` "diverged", metric NaN) and the
     sweep goes on. On SIGTERM, running trials save a checkpoint, no new trial starts and
@@ -250,6 +258,9 @@ def run_sweep(
     """
     if not trials:
         raise ValueError("sweep: get_sweep() returned no trials")
+    names = list(names) if names is not None else [f"trial_{i:03d}" for i in range(len(trials))]
+    if len(names) != len(trials) or len(set(names)) != len(names):
+        raise ValueError(f"sweep: 'names' must be {len(trials)} distinct names, got {names}")
     workdir = pathlib.Path(workdir)
     configs = [apply_overrides(config, trial) for trial in trials]
     keys = list(dict.fromkeys(k for trial in trials for k in trial))
@@ -259,7 +270,7 @@ def run_sweep(
 
     def run_trial(index: int, group: list[jax.Device] | None) -> dict[str, Any] | None:
         trial, trial_config = trials[index], configs[index]
-        name = f"trial_{index:03d}"
+        name = names[index]
         trial_dir = workdir / name
         done = trial_dir / "result.json"
         if done.exists():
@@ -276,7 +287,12 @@ def run_sweep(
             result, status = {"eval": {metric: float("nan")}}, "diverged"
         if status == "interrupted":  # resumable: no result.json
             return None
-        result = {"overrides": trial, "status": status, "eval": result["eval"]}
+        result = {
+            "overrides": trial,
+            "status": status,
+            "eval": result["eval"],
+            "final": result.get("final", {}),
+        }
         if writer_process:
             trial_dir.mkdir(parents=True, exist_ok=True)
             _atomic_write(done, json.dumps(result))
@@ -289,8 +305,8 @@ def run_sweep(
             "sweep interrupted: running trials saved a checkpoint; rerun the same command to resume"
         )
     rows = [
-        {"trial": f"trial_{i:03d}", **trial, "status": r["status"], **r["eval"]}
-        for i, (trial, r) in enumerate(zip(trials, results, strict=True))
+        {"trial": name, **trial, "status": r["status"], **r["eval"], **_final(r)}
+        for name, trial, r in zip(names, trials, results, strict=True)
     ]
     if writer_process:
         write_outputs(rows, keys, workdir, metric)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from attn_jax import kernels
-from attn_jax.data.mqar import MQARConfig
-from attn_jax.models.blocks import check_options
-from attn_jax.train.tasks import TASKS, transformer_options
+from attn_jax.train.tasks import TASKS, validate_task
 
 __all__ = ["ConfigError", "validate_train_config"]
 
@@ -41,7 +39,8 @@ def validate_train_config(
                 f"config.data.name: unknown task {config.data.name!r}; available: {sorted(TASKS)}"
             )
         attention = config.model.attention
-        if attention not in kernels.available():
+        rnn_without_attention = attention == "none" and config.model.get("name") == "seq2seq_rnn"
+        if attention not in kernels.available() and not rnn_without_attention:
             raise ConfigError(
                 f"config.model.attention: unknown kernel {attention!r}; available: "
                 f"{', '.join(kernels.available())}"
@@ -80,18 +79,7 @@ def validate_train_config(
                 f"config.data.num_eval: {config.data.num_eval} must be a multiple of "
                 f"config.train.batch_size ({config.train.batch_size})"
             )
-        if config.data.name == "mqar":
-            MQARConfig(
-                vocab_size=config.data.vocab_size,
-                seq_len=config.data.seq_len,
-                num_kv_pairs=config.data.num_kv_pairs,
-                power_a=config.data.get("power_a", 0.01),
-            ).validate("config.data")
-            options = transformer_options(config.model, config.data.seq_len)
-            try:
-                check_options(options)
-            except ValueError as error:
-                raise ConfigError(str(error).replace("options.", "config.model.")) from None
+        validate_task(config)  # data and model fields; errors name the config key
     except (KeyError, AttributeError) as error:
         raise ConfigError(f"config: missing key {error}") from None
     except ConfigError:

@@ -162,6 +162,21 @@ def test_encoder_ignores_padded_positions(pooling):
     assert not np.allclose(changed, out, atol=1e-3)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "performer", "sliding_window"])
+def test_maskless_kernels_get_the_lengths_of_right_padded_inputs(kernel):
+    window = {"local_window_size": (2, 2)} if kernel == "sliding_window" else None
+    options = _options(attention=kernel, attention_kwargs=window, num_layers=1)
+    model = models.TransformerEncoder(VOCAB, 3, options, pooling="mean")
+    tokens = _tokens((2, 7)).at[0, 4:].set(0)
+    params = _init(model, tokens)
+    out = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens))
+    # Row 0 padded to 7 equals row 0 alone at its true length (features drawn per layer,
+    # so the Performer computes the same function on every call).
+    alone = model.apply({"params": params}, tokens[:1, :4])
+    np.testing.assert_allclose(out[:1], alone, atol=1e-5)
+    np.testing.assert_allclose(out, model.apply({"params": params}, tokens), atol=1e-5)
+
+
 def test_encoder_decoder_ignores_padded_source():
     model = models.EncoderDecoder(VOCAB, VOCAB, _options())
     src = _tokens((2, 7)).at[:, 5:].set(0)

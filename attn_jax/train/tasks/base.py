@@ -1,0 +1,176 @@
+"""What every task gives the training loop, and model construction from ``config.model``."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from attn_jax import kernels, models
+from attn_jax.data.batching import ArrayDataset
+from attn_jax.models.blocks import check_options
+
+__all__ = [
+    "LossFn",
+    "Task",
+    "TaskDefinition",
+    "check_fields",
+    "masked_cross_entropy",
+    "model_fields",
+    "predict_in_batches",
+    "transformer_options",
+    "weights_kernel",
+]
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass
+class Task:
+    """What the training loop needs to know about a task.
+
+    Attributes:
+      model: the Flax module.
+      train / eval: step-indexed datasets of numpy arrays (``eval`` is evaluated every
+        ``config.train.eval_every`` steps; its size is a multiple of the batch size).
+      loss_fn: ``(params, batch, rng, deterministic) -> (loss, metrics)`` with scalar
+        metrics (``"accuracy"`` is the evaluation metric that picks the best checkpoint).
+      model_inputs: ``batch -> (positional model arguments)`` (used to initialise).
+      tokens_per_example: for throughput reporting.
+      final_eval: ``params -> metrics``: the task's full evaluation once training ends
+        (e.g. greedy decoding on the whole test set, BLEU, accuracy at longer lengths);
+        returns a JSON-able dict whose scalar entries are the headline numbers.
+      plot_examples: ``(params, directory) -> written PNG paths``: attention heatmaps of a
+        few evaluation examples.
+    """
+
+    model: nn.Module
+    train: ArrayDataset
+    eval: ArrayDataset
+    loss_fn: LossFn
+    model_inputs: Callable[[dict[str, np.ndarray]], tuple]
+    tokens_per_example: int
+    final_eval: Callable[[Any], dict[str, Any]] | None = None
+    plot_examples: Callable[[Any, pathlib.Path], list[pathlib.Path]] | None = None
+
+    def init_batch(self, batch_size: int = 2) -> dict[str, np.ndarray]:
+        return self.train.batch(0, batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDefinition:
+    """A registered task: ``validate(config)`` is cheap (no data is generated) and raises
+    ``ValueError`` naming the config key (its return value is ignored); ``build(config)``
+    makes the :class:`Task`."""
+
+    build: Callable[[ml_collections.ConfigDict], Task]
+    validate: Callable[[ml_collections.ConfigDict], Any]
+
+
+def check_fields(
+    node: ml_collections.ConfigDict, allowed: Iterable[str], prefix: str
+) -> dict[str, Any]:
+    """``node`` as a dict, raising ``ValueError`` for keys outside ``allowed``."""
+    values = dict(node.items())
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"{prefix}: unknown field(s) {unknown}; known: {sorted(allowed)}")
+    return values
+
+
+def model_fields(
+    model: ml_collections.ConfigDict, cls: type, exclude: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Keyword arguments for the Flax module class ``cls`` from ``config.model`` (without
+    ``name``); keys that are not attributes of ``cls``, or are in ``exclude`` (those the
+    task sets itself), raise ``ValueError``."""
+    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", *exclude}
+    values = check_fields(model, {*known, "name"}, "config.model")
+    values.pop("name", None)
+    for key in ("dtype", "param_dtype"):
+        if key in values:
+            values[key] = jnp.dtype(values[key])
+    return values
+
+
+def transformer_options(
+    model: ml_collections.ConfigDict, max_len: int, extra: Iterable[str] = ()
+) -> models.TransformerOptions:
+    """``TransformerOptions`` from ``config.model``, checked (errors name the key).
+
+    ``max_len`` is the default of ``options.max_len``; ``extra`` names model-specific keys
+    (such as ``pooling``) that may also appear in ``config.model``: the caller reads them.
+    Any other unknown key is an error.
+    """
+    fields = {f.name for f in dataclasses.fields(models.TransformerOptions)}
+    values = check_fields(model, {*fields, *extra, "name"}, "config.model")
+    values = {k: v for k, v in values.items() if k in fields}
+    values.setdefault("max_len", max_len)
+    for key in ("dtype", "param_dtype"):
+        if key in values:
+            values[key] = jnp.dtype(values[key])
+    if values.get("attention_kwargs") is not None:
+        values["attention_kwargs"] = dict(values["attention_kwargs"])
+    options = models.TransformerOptions(**values)
+    try:
+        check_options(options)
+    except ValueError as error:
+        raise ValueError(str(error).replace("options.", "config.model.")) from None
+    return options
+
+
+def masked_cross_entropy(
+    logits: jax.Array, labels: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy over ``valid`` positions, with token and sequence accuracy.
+
+    Args:
+      logits: ``[batch, length, vocab]``; labels / valid: ``[batch, length]``.
+
+    Returns:
+      ``(loss, {"loss", "token_accuracy", "accuracy"})``; ``accuracy`` is the fraction of
+      sequences whose every valid position is predicted right (under teacher forcing).
+    """
+    labels = jnp.where(valid, labels, 0)
+    weights = valid.astype(jnp.float32)
+    count = jnp.maximum(weights.sum(), 1.0)
+    loss = (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights).sum()
+    loss = loss / count
+    right = jnp.argmax(logits, -1) == labels
+    token_accuracy = (right * weights).sum() / count
+    accuracy = jnp.all(right | ~valid, axis=-1).mean()
+    return loss, {"loss": loss, "token_accuracy": token_accuracy, "accuracy": accuracy}
+
+
+def predict_in_batches(
+    fn: Callable[..., jax.Array], arrays: tuple[np.ndarray, ...], batch_size: int = 256
+) -> np.ndarray:
+    """``fn(*batch)`` over the leading axis of ``arrays`` in fixed-size batches (the last
+    one padded by repeating its first row, so ``fn`` compiles once); outputs concatenated."""
+    count = len(arrays[0])
+    outputs = []
+    for start in range(0, count, batch_size):
+        chunk = [a[start : start + batch_size] for a in arrays]
+        real = len(chunk[0])
+        if real < batch_size:
+            chunk = [np.concatenate([c, np.repeat(c[:1], batch_size - real, 0)]) for c in chunk]
+        outputs.append(np.asarray(fn(*chunk))[:real])
+    return np.concatenate(outputs)
+
+
+def weights_kernel(name: str) -> str | None:
+    """A kernel that returns the weights ``name`` computes, for plotting: ``name`` itself,
+    ``"dot_product"`` for an exact kernel that cannot return weights (same function, same
+    parameters), or ``None`` for an approximate one (its weights are not softmax's)."""
+    capabilities = kernels.capabilities(name)
+    if capabilities.weights:
+        return name
+    return "dot_product" if capabilities.exact else None

@@ -1,0 +1,259 @@
+"""Decoder-LM tasks: MQAR (recall), copy and induction heads (length generalisation).
+
+Every one trains a :class:`~attn_jax.models.TransformerLM`. Their ``"accuracy"`` is the
+fraction of answer tokens predicted right (Zoology's MQAR metric); ``"sequence_accuracy"``
+the fraction of examples with every answer right. Copy and induction heads train at
+``config.data`` lengths and their final evaluation measures accuracy at each of
+``config.data.eval_lengths`` (``accuracy@L``): train short, test long.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from attn_jax import models
+from attn_jax.data.batching import ArrayDataset
+from attn_jax.data.copy_tasks import (
+    SEP,
+    SYMBOL_OFFSET,
+    CopyConfig,
+    InductionConfig,
+    make_copy,
+    make_induction,
+)
+from attn_jax.data.mqar import IGNORE, MQARConfig, make_mqar
+from attn_jax.data.vocab import SPECIALS
+from attn_jax.train.tasks.base import (
+    Task,
+    TaskDefinition,
+    masked_cross_entropy,
+    predict_in_batches,
+    transformer_options,
+)
+from attn_jax.train.tasks.plots import plot_layers, sowed_attention, weights_model
+
+__all__ = ["TASKS"]
+
+Arrays = dict[str, np.ndarray]
+
+
+def _forward(model: models.TransformerLM, params, batch, rng, deterministic):
+    """Logits, labels and label mask for a batch with either ``positions``/``answers``
+    (logits at answer positions only) or ``labels`` (``IGNORE`` where no loss)."""
+    kwargs = {"deterministic": deterministic, "rngs": {"dropout": rng}}
+    if "positions" in batch:
+        logits = model.apply(
+            {"params": params}, batch["inputs"], output_positions=batch["positions"], **kwargs
+        )
+        labels = batch["answers"]
+        return logits, labels, jnp.ones(labels.shape, bool)
+    logits = model.apply({"params": params}, batch["inputs"], **kwargs)
+    return logits, batch["labels"], batch["labels"] != IGNORE
+
+
+def _loss_fn(model: models.TransformerLM):
+    def loss_fn(params, batch, rng, deterministic):
+        logits, labels, valid = _forward(model, params, batch, rng, deterministic)
+        loss, metrics = masked_cross_entropy(logits, labels, valid)
+        metrics["sequence_accuracy"] = metrics["accuracy"]
+        metrics["accuracy"] = metrics.pop("token_accuracy")
+        return loss, metrics
+
+    return loss_fn
+
+
+def _length_generalisation(
+    model: models.TransformerLM, lengths: list[int], make: Callable[[int], Arrays]
+) -> Callable[[Any], dict[str, Any]]:
+    """``params -> {"accuracy@L": ..., "sequence_accuracy@L": ...}`` over ``lengths``."""
+
+    def final_eval(params) -> dict[str, Any]:
+        @jax.jit
+        def correct(*arrays):
+            batch = dict(zip(names, arrays, strict=True))
+            logits, labels, valid = _forward(model, params, batch, jax.random.key(0), True)
+            right = (jnp.argmax(logits, -1) == labels) & valid
+            return jnp.stack([right.sum(-1), valid.sum(-1)], -1)
+
+        results: dict[str, Any] = {}
+        for length in lengths:
+            arrays = make(length)
+            names = sorted(arrays)
+            counts = predict_in_batches(correct, tuple(arrays[n] for n in names))
+            results[f"accuracy@{length}"] = float(counts[:, 0].sum() / counts[:, 1].sum())
+            results[f"sequence_accuracy@{length}"] = float(np.mean(counts[:, 0] == counts[:, 1]))
+        return results
+
+    return final_eval
+
+
+def _plot_lm(model: models.TransformerLM, example: Arrays, labels: list[str], title: str):
+    """Self-attention of every layer on one example (token labels on both axes)."""
+
+    def plot(params, directory: pathlib.Path) -> list[pathlib.Path]:
+        plotted = weights_model(model)
+        if plotted is None:
+            return []
+        layers = sowed_attention(plotted, params, example["inputs"][:1])
+        return plot_layers(
+            layers, directory, "example_0", x_labels=labels, y_labels=labels, title=title
+        )
+
+    return plot
+
+
+def _lm_task(
+    config: ml_collections.ConfigDict,
+    model: models.TransformerLM,
+    train: Arrays,
+    eval_: Arrays,
+    token_names: Callable[[np.ndarray], list[str]],
+    final_eval: Callable[[Any], dict[str, Any]] | None = None,
+) -> Task:
+    example = {k: v[:1] for k, v in eval_.items()}
+    return Task(
+        model=model,
+        train=ArrayDataset(train, seed=config.seed),
+        eval=ArrayDataset(eval_, seed=config.seed + 1),
+        loss_fn=_loss_fn(model),
+        model_inputs=lambda batch: (batch["inputs"],),
+        tokens_per_example=train["inputs"].shape[1],
+        final_eval=final_eval,
+        plot_examples=_plot_lm(
+            model,
+            example,
+            token_names(example["inputs"][0]),
+            f"{config.data.name} ({model.options.attention})",
+        ),
+    )
+
+
+# --- MQAR ---------------------------------------------------------------------------------
+
+
+def _mqar_spec(config: ml_collections.ConfigDict) -> MQARConfig:
+    data = config.data
+    spec = MQARConfig(
+        vocab_size=data.vocab_size,
+        seq_len=data.seq_len,
+        num_kv_pairs=data.num_kv_pairs,
+        power_a=data.get("power_a", 0.01),
+    )
+    spec.validate("config.data")
+    return spec
+
+
+def _validate_mqar(config: ml_collections.ConfigDict) -> None:
+    transformer_options(config.model, _mqar_spec(config).seq_len)
+
+
+def _build_mqar(config: ml_collections.ConfigDict) -> Task:
+    spec = _mqar_spec(config)
+
+    def arrays(num_examples: int, seed: int) -> Arrays:
+        inputs, labels = make_mqar(spec, num_examples, seed)
+        # Exactly num_kv_pairs answers per example: gather their positions once.
+        positions = np.argsort(labels == IGNORE, axis=1, kind="stable")[:, : spec.num_kv_pairs]
+        answers = np.take_along_axis(labels, positions, axis=1)
+        return {"inputs": inputs, "positions": positions.astype(np.int32), "answers": answers}
+
+    model = models.TransformerLM(spec.vocab_size, transformer_options(config.model, spec.seq_len))
+    return _lm_task(
+        config,
+        model,
+        arrays(config.data.num_train, config.seed),
+        arrays(config.data.num_eval, config.seed + 1),
+        lambda tokens: [str(int(t)) for t in tokens],
+    )
+
+
+# --- Copy and induction heads -------------------------------------------------------------
+
+
+def _symbol_names(marker: str) -> Callable[[np.ndarray], list[str]]:
+    """Readable token labels: specials, ``marker`` for token 3 (copy's ``SEP``, induction's
+    ``TRIGGER``) and letters for symbols."""
+
+    def name(t: int) -> str:
+        if t < len(SPECIALS):
+            return SPECIALS[t]
+        if t == SEP:
+            return marker
+        s = t - SYMBOL_OFFSET
+        return chr(ord("a") + s) if s < 26 else f"s{s}"
+
+    return lambda tokens: [name(int(t)) for t in tokens]
+
+
+def _eval_lengths(config: ml_collections.ConfigDict) -> list[int]:
+    lengths = list(config.data.eval_lengths)
+    if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
+        raise ValueError(f"config.data.eval_lengths: expected positive integers, got {lengths!r}")
+    return lengths
+
+
+def _copy_spec(config: ml_collections.ConfigDict) -> CopyConfig:
+    data = config.data
+    spec = CopyConfig(num_symbols=data.num_symbols, min_len=data.min_len, max_len=data.max_len)
+    spec.validate("config.data")
+    return spec
+
+
+def _copy_options(config: ml_collections.ConfigDict) -> models.TransformerOptions:
+    longest = max([_copy_spec(config).max_len, *_eval_lengths(config)])
+    return transformer_options(config.model, 2 * longest + 2)
+
+
+def _build_copy(config: ml_collections.ConfigDict) -> Task:
+    spec = _copy_spec(config)
+    model = models.TransformerLM(spec.vocab_size, _copy_options(config))
+    final_seed = config.seed + 2
+    make = functools.partial(make_copy, spec, config.data.num_final, final_seed)
+    return _lm_task(
+        config,
+        model,
+        make_copy(spec, config.data.num_train, config.seed),
+        make_copy(spec, config.data.num_eval, config.seed + 1),
+        _symbol_names("SEP"),
+        _length_generalisation(model, _eval_lengths(config), lambda n: make(length=n)),
+    )
+
+
+def _induction_spec(config: ml_collections.ConfigDict) -> InductionConfig:
+    spec = InductionConfig(num_symbols=config.data.num_symbols, seq_len=config.data.seq_len)
+    spec.validate("config.data")
+    return spec
+
+
+def _induction_options(config: ml_collections.ConfigDict) -> models.TransformerOptions:
+    longest = max([_induction_spec(config).seq_len, *_eval_lengths(config)])
+    return transformer_options(config.model, longest)
+
+
+def _build_induction(config: ml_collections.ConfigDict) -> Task:
+    spec = _induction_spec(config)
+    model = models.TransformerLM(spec.vocab_size, _induction_options(config))
+    make = functools.partial(make_induction, spec, config.data.num_final, config.seed + 2)
+    return _lm_task(
+        config,
+        model,
+        make_induction(spec, config.data.num_train, config.seed),
+        make_induction(spec, config.data.num_eval, config.seed + 1),
+        _symbol_names("TRIG"),
+        _length_generalisation(model, _eval_lengths(config), lambda n: make(seq_len=n)),
+    )
+
+
+TASKS = {
+    "mqar": TaskDefinition(_build_mqar, _validate_mqar),
+    "copy": TaskDefinition(_build_copy, _copy_options),
+    "induction": TaskDefinition(_build_induction, _induction_options),
+}

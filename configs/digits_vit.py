@@ -1,0 +1,47 @@
+"""scikit-learn's 8x8 digits with a Vision Transformer (2x2 patches: 16 tokens + CLS).
+
+    python launch.py --config=configs/digits_vit.py:quick                     # CPU, minutes
+    python launch.py --config=configs/digits_vit.py:quick --config.model.attention=linear
+
+1,797 images, a stratified 80/20 split (``config.data.test_fraction``); training is
+monitored on part of the test split (there is no validation split); the final evaluation
+covers all of it.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``arg``: ``None`` (the full run, sized for an accelerator) or ``"quick"`` (CPU)."""
+    config = common.base_config()
+    config.data = common.digits_data()
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "vit"
+    config.model.patch_size = 2
+    config.model.pooling = "cls"
+    config.model.attention = "dot_product"
+    config.model.width = 192
+    config.model.num_layers = 6
+    config.model.num_heads = 3
+    config.model.mlp_dim = 768
+    config.model.positions = "learned"
+    config.model.dropout_rate = 0.1
+
+    config.optim.weight_decay = 0.05
+    config.train.steps = 5_000
+    config.train.batch_size = 64
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    if arg == "quick":
+        config.model.width = 64
+        config.model.num_layers = 2
+        config.model.num_heads = 4
+        config.model.mlp_dim = 128
+        config.train.steps = 1_000
+        config.train.eval_every = 250
+        config.train.checkpoint_every = 250
+    elif arg is not None:
+        raise ValueError(f"configs/digits_vit.py: unknown variant {arg!r}; expected 'quick'")
+    return config

@@ -1,0 +1,46 @@
+"""SCAN (Lake & Baroni 2018) with the LSTM sequence-to-sequence model.
+
+    python launch.py --config=configs/scan_rnn.py:quick                     # CPU, minutes
+    python launch.py --config=configs/scan_rnn.py --config.data.split=length # accelerator
+    python launch.py --config=configs/scan_rnn.py:quick --config.model.attention=none
+
+``config.data.split``: ``simple``, ``length`` or ``addprim_jump``. ``config.model.attention``:
+``additive`` (Bahdanau), ``multiplicative`` (Luong, ``config.model.score`` ``general`` or
+``dot``) or ``none``. The final evaluation greedily decodes the whole test split: exact
+match overall and by action-sequence length.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``arg``: ``None`` (the full run, sized for an accelerator) or ``"quick"`` (CPU)."""
+    config = common.base_config()
+    config.data = common.scan_data()
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "seq2seq_rnn"
+    config.model.attention = "additive"
+    config.model.score = "general"
+    config.model.encoder_cell = "lstm"
+    config.model.bidirectional = True
+    config.model.embed_dim = 128
+    config.model.hidden_dim = 256
+
+    config.optim.learning_rate = 1e-3
+    config.optim.weight_decay = 0.0
+    config.train.steps = 10_000
+    config.train.batch_size = 128
+    config.train.eval_every = 1_000
+    config.train.checkpoint_every = 1_000
+    if arg == "quick":
+        config.model.embed_dim = 64
+        config.model.hidden_dim = 128
+        config.train.steps = 2_000
+        config.train.batch_size = 64
+        config.train.eval_every = 500
+        config.train.checkpoint_every = 500
+    elif arg is not None:
+        raise ValueError(f"configs/scan_rnn.py: unknown variant {arg!r}; expected 'quick'")
+    return config

@@ -1,0 +1,95 @@
+"""Shared by the reproduction scripts: configs by name, resumable trials, tables, figures.
+
+The scripts put the repository root on ``sys.path`` (``configs/`` and ``experiments/``
+are imported as packages from there).
+
+Every script trains its trials through the launcher's own loop (so each trial directory is
+an ordinary run directory: checkpoints, metrics, ``final_metrics.json``, attention plots),
+skips trials that finished in an earlier invocation and resumes interrupted ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from attn_jax.train.loop import train_and_evaluate
+from attn_jax.train.sweep import apply_overrides, run_sweep
+from attn_jax.train.validate import validate_train_config
+
+__all__ = [
+    "load_config",
+    "markdown_table",
+    "percent",
+    "run_trials",
+    "save_figure",
+    "write_outputs",
+]
+
+
+def load_config(name: str, variant: str | None) -> ml_collections.ConfigDict:
+    """``configs/NAME.py``'s ``get_config(variant)``."""
+    return importlib.import_module(f"configs.{name}").get_config(variant)
+
+
+def run_trials(
+    base: ml_collections.ConfigDict,
+    trials: Mapping[str, Mapping[str, Any]],
+    out_dir: str | pathlib.Path,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Trains every named trial (dotted-key overrides of ``base``, then ``overrides`` for
+    all of them) in ``out_dir/NAME``; every config is validated before the first trial.
+
+    Returns:
+      ``{name: {"status", "eval", "final", "overrides"}}`` (each trial's ``result.json``).
+    """
+    names = list(trials)
+    overrides = dict(overrides or {})
+    settings = [{**trials[name], **overrides} for name in names]
+    for name, setting in zip(names, settings, strict=True):
+        try:
+            validate_train_config(apply_overrides(base, setting), jax.local_device_count())
+        except ValueError as error:
+            raise ValueError(f"trial {name}: {error}") from None
+    out_dir = pathlib.Path(out_dir)
+    run_sweep(base, settings, out_dir, train_and_evaluate, names=names)
+    return {name: json.loads((out_dir / name / "result.json").read_text()) for name in names}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats are printed as given (format them before)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(fig, path: str | pathlib.Path) -> pathlib.Path:
+    """Saves a matplotlib ``Figure`` as PNG (parents created)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_outputs(
+    out_dir: str | pathlib.Path, stem: str, data: Any, markdown: str
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """``STEM.json`` (machines) and ``STEM.md`` (people) in ``out_dir``."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(data, indent=1))
+    md_path.write_text(markdown)
+    return json_path, md_path
+
+
+def percent(value: float | None) -> str:
+    """``0.1234 -> "12.3"``; a missing value (diverged trial) prints as ``-``."""
+    return "-" if value is None or value != value else f"{100 * value:.1f}"

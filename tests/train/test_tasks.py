@@ -1,0 +1,152 @@
+"""Every task config's quick variant trains a few steps, evaluates and draws attention."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from attn_jax.data.vocab import Vocabulary
+from attn_jax.train.loop import train_and_evaluate
+from attn_jax.train.tasks import build_task, init_params
+from attn_jax.train.tasks.seq2seq import bleu, bucket_metrics, encode_pairs
+from attn_jax.train.validate import ConfigError, validate_train_config
+
+# Config file -> overrides that keep a CI run to seconds (fewer examples, tiny batches).
+SMALL = {
+    "scan_rnn": {},
+    "scan_transformer": {"data.split": "length"},
+    "numbers_rnn": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 24},
+    "numbers_transformer": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 24},
+    "listops": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 20},
+    "digits_vit": {},
+    "digits_pixels": {},
+    "copy": {"data.num_train": 64, "data.num_final": 12},
+    "induction": {"data.num_train": 64, "data.num_final": 12},
+}
+
+
+def _quick(name: str, **overrides):
+    config = importlib.import_module(f"configs.{name}").get_config("quick")
+    small = {
+        "train.steps": 2,
+        "train.batch_size": 8,
+        "train.num_devices": 1,
+        "train.log_every": 1,
+        "train.eval_every": 2,
+        "train.checkpoint_every": 2,
+        "optim.warmup_steps": 1,
+        "data.num_eval": 8,
+        **SMALL[name],
+        **overrides,
+    }
+    for key, value in small.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        assert leaf in node, key
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_quick_config_trains_evaluates_and_plots(name, tmp_path):
+    config = _quick(name)
+    validate_train_config(config, jax.local_device_count())
+    result = train_and_evaluate(config, tmp_path)
+    assert result["step"] == 2 and np.isfinite(result["eval"]["loss"])
+    assert 0.0 <= result["eval"]["accuracy"] <= 1.0
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert final == result["final"]
+    if name.startswith(("copy", "induction")):
+        lengths = config.data.eval_lengths
+        assert set(final) == {
+            f"{m}@{n}" for m in ("accuracy", "sequence_accuracy") for n in lengths
+        }
+    elif name.startswith(("scan", "numbers")):
+        assert 0.0 <= final["exact_match"] <= 1.0
+        assert sum(b["count"] for b in final["buckets"]) == final["count"]
+        assert ("bleu" in final) == name.startswith("numbers")
+    else:
+        assert 0.0 <= final["accuracy"] <= 1.0
+    plots = sorted(p.name for p in (tmp_path / "attention").glob("*.png"))
+    assert plots, "no attention heatmaps written"
+
+
+def test_scan_final_evaluation_decodes_the_whole_test_split():
+    task = build_task(_quick("scan_rnn", **{"data.split": "addprim_jump"}))
+    params = init_params(task, jax.random.key(0))
+    final = task.final_eval(params)
+    assert final["count"] == 7_706
+    buckets = {b["bucket"]: b["count"] for b in final["buckets"]}
+    assert sum(buckets.values()) == 7_706 and set(buckets) <= {
+        "1-8", "9-16", "17-22", "23-32", "33-40", ">40",
+    }  # fmt: skip
+
+
+def test_kernels_without_weights_are_plotted_through_the_exact_reference(tmp_path):
+    config = _quick("induction", **{"model.attention": "flash"})
+    task = build_task(config)
+    params = init_params(task, jax.random.key(0))
+    paths = task.plot_examples(params, tmp_path)
+    assert [p.name for p in paths] == [
+        "example_0_layer_0_attention.png",
+        "example_0_layer_1_attention.png",
+    ]
+    approximate = build_task(_quick("induction", **{"model.attention": "linear"}))
+    assert approximate.plot_examples(params, tmp_path / "linear") == []
+
+
+def test_encode_pairs_shifts_targets_and_pads():
+    src_vocab, tgt_vocab = Vocabulary(["a", "b"]), Vocabulary(["X", "Y"])
+    arrays = encode_pairs([(["a", "b"], ["Y"]), (["b"], ["X", "Y"])], src_vocab, tgt_vocab, 3, 3)
+    np.testing.assert_array_equal(arrays["src"], [[3, 4, 0], [4, 0, 0]])
+    np.testing.assert_array_equal(arrays["tgt_in"], [[1, 4, 0], [1, 3, 4]])
+    np.testing.assert_array_equal(arrays["tgt_out"], [[4, 2, 0], [3, 4, 2]])
+
+
+def test_bucket_metrics_split_exact_match_and_bleu_by_length():
+    references = [["a"], ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"], ["x"] * 9]
+    hypotheses = [["a"], ["a", "b", "c", "d"], ["a", "b", "c", "x", "e"], ["x"] * 9]
+    result = bucket_metrics(hypotheses, references, [1, 4, 5, 9], [2, 5], with_bleu=True)
+    assert result["exact_match"] == 0.75 and result["count"] == 4
+    assert [(b["bucket"], b["count"], b["exact_match"]) for b in result["buckets"]] == [
+        ("1-2", 1, 1.0),
+        ("3-5", 2, 0.5),
+        (">5", 1, 1.0),
+    ]
+    assert result["buckets"][0]["bleu"] == pytest.approx(100.0)  # one token: effective order
+    assert 0.0 < result["buckets"][1]["bleu"] < 100.0
+    assert bleu([["a", "b"]], [["c", "d"]]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "name, key, value, match",
+    [
+        ("scan_rnn", "data.split", "random", "split: expected one of"),
+        ("scan_rnn", "model.name", "gru", "config.model.name: expected one of"),
+        ("scan_rnn", "model.attention", "bahdanau", "config.model.attention: unknown kernel"),
+        ("scan_rnn", "model.score", "cosine", "config.model.score"),
+        ("numbers_rnn", "data.max_digits", 13, "config.data.max_digits"),
+        ("numbers_transformer", "data.length_buckets", [8, 4], "config.data.length_buckets"),
+        ("listops", "data.max_depth", 0, "config.data.max_depth"),
+        ("digits_vit", "model.patch_size", 3, "config.model.patch_size"),
+        ("digits_pixels", "model.pooling", "max", "config.model.pooling"),
+        ("copy", "data.eval_lengths", [], "config.data.eval_lengths"),
+        ("induction", "data.seq_len", 2, "config.data.seq_len"),
+    ],
+)
+def test_bad_task_settings_name_the_config_key(name, key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_train_config(_quick(name, **{key: value}), 1)
+
+
+def test_unknown_model_field_is_named():
+    config = _quick("digits_vit")
+    config.model.heads = 4
+    with pytest.raises(ConfigError, match=r"config.model: unknown field\(s\) \['heads'\]"):
+        validate_train_config(config, 1)
