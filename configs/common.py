@@ -58,6 +58,7 @@ def lm_model() -> ml_collections.ConfigDict:
     """``config.model`` of a small decoder LM (copy, induction heads): RoPE, 2 layers."""
     model = ml_collections.ConfigDict()
     model.attention = "dot_product"
+    model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     model.width = 64
     model.num_layers = 2
     model.num_heads = 4
@@ -73,3 +74,13 @@ def digits_data() -> ml_collections.ConfigDict:
     data.test_fraction = 0.2  # 1,437 train / 360 test images, stratified
     data.num_eval = 320  # test images evaluated while training (a multiple of the batch)
     return data
+
+
+def is_quick(arg: str | None, path: str) -> bool:
+    """The variant of a task config: ``"quick"`` (CPU, minutes) -> True; ``None`` or
+    ``"full"`` (sized for an accelerator) -> False; anything else raises naming ``path``."""
+    if arg in (None, "full"):
+        return False
+    if arg == "quick":
+        return True
+    raise ValueError(f"{path}: unknown variant {arg!r}; expected 'quick' or 'full'")

@@ -11,13 +11,14 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: ``None`` (the full run, sized for an accelerator) or ``"quick"`` (CPU)."""
+    """``arg``: ``"quick"`` (CPU, minutes), or ``None`` / ``"full"`` (sized for an accelerator)."""
     config = common.base_config()
     config.data = common.digits_data()
     config.model = ml_collections.ConfigDict()
     config.model.name = "encoder"
     config.model.pooling = "cls"
     config.model.attention = "dot_product"
+    config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     config.model.width = 192
     config.model.num_layers = 6
     config.model.num_heads = 3
@@ -30,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 64
     config.train.eval_every = 500
     config.train.checkpoint_every = 500
-    if arg == "quick":
+    if common.is_quick(arg, "configs/digits_pixels.py"):
         config.model.width = 64
         config.model.num_layers = 2
         config.model.num_heads = 4
@@ -38,6 +39,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.steps = 1_500
         config.train.eval_every = 250
         config.train.checkpoint_every = 250
-    elif arg is not None:
-        raise ValueError(f"configs/digits_pixels.py: unknown variant {arg!r}; expected 'quick'")
     return config

@@ -2,6 +2,7 @@
 
     python launch.py --config=configs/mqar.py                 # the quickstart run (CPU)
     python launch.py --config=configs/mqar.py:quick           # a few steps, smoke test
+    python launch.py --config=configs/mqar.py:full            # accelerator (Zoology sizes)
     python launch.py --config=configs/mqar.py --config.model.attention=dot_product
     python launch.py --config=configs/mqar.py --sweep                 # grid: get_sweep()
     python launch.py --config=configs/mqar.py --sweep --sweep_backend=optuna --optuna_trials=20
@@ -16,7 +17,8 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: ``None`` (the CPU quickstart run) or ``"quick"`` (a smoke test)."""
+    """``arg``: ``None`` (the CPU quickstart run), ``"quick"`` (an 8-step smoke test) or
+    ``"full"`` (Zoology's largest setting: length 512, 64 pairs, width 256, batch 512)."""
     config = common.base_config()
     config.data = ml_collections.ConfigDict()
     config.data.name = "mqar"
@@ -28,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.attention = "dot_product"
+    config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     config.model.width = 64
     config.model.num_layers = 2
     config.model.num_heads = 1
@@ -47,8 +50,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.eval_every = 4
         config.train.checkpoint_every = 4
         config.optim.warmup_steps = 2
+    elif arg == "full":  # Zoology's largest setting, for an accelerator
+        config.data.seq_len = 512
+        config.data.num_kv_pairs = 64
+        config.data.num_eval = 3_072
+        config.model.width = 256
+        config.model.mlp_dim = 1024
+        config.train.batch_size = 512
+        config.train.steps = 12_500  # 64 epochs of the 100,000 training examples
+        config.train.eval_every = 1_250
+        config.train.checkpoint_every = 1_250
+        config.optim.learning_rate = 1e-3
     elif arg is not None:
-        raise ValueError(f"configs/mqar.py: unknown variant {arg!r}; expected 'quick'")
+        raise ValueError(f"configs/mqar.py: unknown variant {arg!r}; expected 'quick' or 'full'")
     return config
 
 

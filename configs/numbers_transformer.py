@@ -11,12 +11,13 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: ``None`` (the full run, sized for an accelerator) or ``"quick"`` (CPU)."""
+    """``arg``: ``"quick"`` (CPU, minutes), or ``None`` / ``"full"`` (sized for an accelerator)."""
     config = common.base_config()
     config.data = common.numbers_data()
     config.model = ml_collections.ConfigDict()
     config.model.name = "encoder_decoder"
     config.model.attention = "dot_product"
+    config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     config.model.width = 128
     config.model.num_layers = 3
     config.model.num_heads = 4
@@ -30,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.batch_size = 128
     config.train.eval_every = 1_000
     config.train.checkpoint_every = 1_000
-    if arg == "quick":
+    if common.is_quick(arg, "configs/numbers_transformer.py"):
         config.model.width = 64
         config.model.num_layers = 2
         config.model.mlp_dim = 256
@@ -40,8 +41,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.batch_size = 64
         config.train.eval_every = 500
         config.train.checkpoint_every = 500
-    elif arg is not None:
-        raise ValueError(
-            f"configs/numbers_transformer.py: unknown variant {arg!r}; expected 'quick'"
-        )
     return config

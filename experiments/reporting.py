@@ -27,10 +27,18 @@ __all__ = [
     "load_config",
     "markdown_table",
     "percent",
+    "quiet_logs",
     "run_trials",
     "save_figure",
     "write_outputs",
 ]
+
+
+def quiet_logs() -> None:
+    """Only warnings from absl logging (orbax logs every checkpoint step at INFO)."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
 
 
 def load_config(name: str, variant: str | None) -> ml_collections.ConfigDict:

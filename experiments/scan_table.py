@@ -26,6 +26,7 @@ from experiments.reporting import (
     load_config,
     markdown_table,
     percent,
+    quiet_logs,
     run_trials,
     save_figure,
     write_outputs,
@@ -113,6 +114,7 @@ def _figure(table: dict[str, dict[str, Any]], splits: Sequence[str], path: pathl
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_logs()
     for name, chosen, known in (
         ("models", FLAGS.models, MODELS),
         ("splits", FLAGS.splits, SPLITS),

@@ -185,7 +185,7 @@ def _write_outputs(
     ranked = sorted(rows, key=lambda r: -np.nan_to_num(r.get(metric, -math.inf), nan=-math.inf))
     lines = [f"| rank | trial | {' | '.join(keys)} | {metric} |", "| --- " * (len(keys) + 3) + "|"]
     for rank, row in enumerate(ranked, 1):
-        values = " | ".join(str(row[k]) for k in keys)
+        values = " | ".join(str(row.get(k, "")) for k in keys)  # trials may set other keys
         lines.append(
             f"| {rank} | {row['trial']} | {values} | {row.get(metric, float('nan')):.4f} |"
         )
@@ -198,8 +198,9 @@ def _write_outputs(
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        xs = [row[key] for row in rows]
-        ys = [row.get(metric, float("nan")) for row in rows]
+        chosen = [row for row in rows if key in row]
+        xs = [row[key] for row in chosen]
+        ys = [row.get(metric, float("nan")) for row in chosen]
         numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
         if numeric:
             ax.plot(xs, ys, "o")

@@ -18,6 +18,7 @@ from attn_jax.train.sweep import (
     product,
     random_choices,
     run_sweep,
+    write_outputs,
     zipped,
 )
 from configs import mqar
@@ -190,3 +191,14 @@ def test_interrupted_trial_stops_the_sweep_and_resumes(tmp_path):
     rows = run_sweep(_quick(), trials, tmp_path, interrupted_once)
     assert calls == ["trial_000", "trial_001", "trial_000"]
     assert [r["status"] for r in rows] == ["finished", "finished"]
+
+
+def test_summaries_accept_trials_that_set_different_keys(tmp_path):
+    rows = [
+        {"trial": "a", "model.attention": "flash", "accuracy": 0.5},
+        {"trial": "b", "model.attention_kwargs": {"local_window_size": (4, 0)}, "accuracy": 0.7},
+    ]
+    write_outputs(rows, ["model.attention", "model.attention_kwargs"], tmp_path, "accuracy")
+    board = (tmp_path / "leaderboard.md").read_text().splitlines()
+    assert board[2].startswith("| 1 | b |") and board[3] == "| 2 | a | flash |  | 0.5000 |"
+    assert (tmp_path / "sweep.png").stat().st_size > 0
