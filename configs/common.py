@@ -35,6 +35,7 @@ def scan_data() -> ml_collections.ConfigDict:
     data.name = "scan"
     data.split = "simple"  # simple | length | addprim_jump
     data.num_eval = 512  # test pairs evaluated (teacher-forced) while training
+    data.num_test = 0  # test pairs decoded by the final evaluation; 0 = all, as published
     data.bucket_by = "target"  # final exact match by action-sequence length
     data.length_buckets = [8, 16, 22, 32, 40]
     return data

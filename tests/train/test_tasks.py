@@ -17,8 +17,8 @@ from attn_jax.train.validate import ConfigError, validate_train_config
 
 # Config file -> overrides that keep a CI run to seconds (fewer examples, tiny batches).
 SMALL = {
-    "scan_rnn": {},
-    "scan_transformer": {"data.split": "length"},
+    "scan_rnn": {"data.num_test": 24},
+    "scan_transformer": {"data.split": "length", "data.num_test": 24},
     "numbers_rnn": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 24},
     "numbers_transformer": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 24},
     "listops": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 20},
@@ -80,15 +80,14 @@ def test_quick_config_trains_evaluates_and_plots(name, tmp_path):
     assert plots, "no attention heatmaps written"
 
 
-def test_scan_final_evaluation_decodes_the_whole_test_split():
-    task = build_task(_quick("scan_rnn", **{"data.split": "addprim_jump"}))
+def test_scan_final_evaluation_decodes_the_whole_test_split_by_default():
+    small_model = {"model.embed_dim": 8, "model.hidden_dim": 8, "data.split": "length"}
+    task = build_task(_quick("scan_rnn", **small_model, **{"data.num_test": 0}))
     params = init_params(task, jax.random.key(0))
     final = task.final_eval(params)
-    assert final["count"] == 7_706
+    assert final["count"] == 3_920
     buckets = {b["bucket"]: b["count"] for b in final["buckets"]}
-    assert sum(buckets.values()) == 7_706 and set(buckets) <= {
-        "1-8", "9-16", "17-22", "23-32", "33-40", ">40",
-    }  # fmt: skip
+    assert sum(buckets.values()) == 3_920 and set(buckets) == {"23-32", "33-40", ">40"}
 
 
 def test_kernels_without_weights_are_plotted_through_the_exact_reference(tmp_path):
@@ -134,6 +133,7 @@ def test_bucket_metrics_split_exact_match_and_bleu_by_length():
         ("scan_rnn", "model.name", "gru", "config.model.name: expected one of"),
         ("scan_rnn", "model.attention", "bahdanau", "config.model.attention: unknown kernel"),
         ("scan_rnn", "model.score", "cosine", "config.model.score"),
+        ("scan_rnn", "data.num_test", 5_000, "config.data.num_test"),
         ("numbers_rnn", "data.max_digits", 13, "config.data.max_digits"),
         ("numbers_transformer", "data.length_buckets", [8, 4], "config.data.length_buckets"),
         ("listops", "data.max_depth", 0, "config.data.max_depth"),
@@ -153,3 +153,29 @@ def test_unknown_model_field_is_named():
     config.model.heads = 4
     with pytest.raises(ConfigError, match=r"config.model: unknown field\(s\) \['heads'\]"):
         validate_train_config(config, 1)
+
+
+# Config -> documented batch arrays: name -> (shape after the batch axis, dtype).
+BATCHES = {
+    "scan_rnn": {"src": (9,), "tgt_in": (49,), "tgt_out": (49,)},
+    "numbers_rnn": {"src": None, "tgt_in": None, "tgt_out": None},
+    "listops": {"inputs": (128,), "labels": ()},
+    "digits_vit": {"inputs": (8, 8, 1), "labels": ()},
+    "digits_pixels": {"inputs": (64,), "labels": ()},
+    "copy": {"inputs": (34,), "labels": (34,)},
+    "induction": {"inputs": (32,), "positions": (1,), "answers": (1,)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHES))
+def test_batches_have_the_documented_shapes(name):
+    task = build_task(_quick(name))
+    batch = task.train.batch(3, 5)
+    assert set(batch) == set(BATCHES[name])
+    for key, shape in BATCHES[name].items():
+        assert batch[key].shape[0] == 5, key
+        if shape is not None:
+            assert batch[key].shape[1:] == shape, key
+        expected = "float32" if name == "digits_vit" and key == "inputs" else "int32"
+        assert batch[key].dtype == expected, key
+    np.testing.assert_array_equal(task.train.batch(3, 5)[key], batch[key])  # step-indexed

@@ -8,6 +8,7 @@ fraction of examples classified right; the final evaluation covers the whole tes
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -48,9 +49,10 @@ def _loss_fn(model) -> Callable:
 
 
 def _final_eval(model, test: Arrays) -> Callable[[Any], dict[str, Any]]:
+    predict = jax.jit(lambda params, x: jnp.argmax(model.apply({"params": params}, x), -1))
+
     def final_eval(params) -> dict[str, Any]:
-        predict = jax.jit(lambda x: jnp.argmax(model.apply({"params": params}, x), -1))
-        predictions = predict_in_batches(predict, (test["inputs"],))
+        predictions = predict_in_batches(functools.partial(predict, params), (test["inputs"],))
         right = predictions == test["labels"]
         per_class = {
             str(c): float(right[test["labels"] == c].mean()) for c in np.unique(test["labels"])

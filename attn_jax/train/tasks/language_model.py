@@ -75,19 +75,21 @@ def _length_generalisation(
 ) -> Callable[[Any], dict[str, Any]]:
     """``params -> {"accuracy@L": ..., "sequence_accuracy@L": ...}`` over ``lengths``."""
 
-    def final_eval(params) -> dict[str, Any]:
-        @jax.jit
-        def correct(*arrays):
-            batch = dict(zip(names, arrays, strict=True))
-            logits, labels, valid = _forward(model, params, batch, jax.random.key(0), True)
-            right = (jnp.argmax(logits, -1) == labels) & valid
-            return jnp.stack([right.sum(-1), valid.sum(-1)], -1)
+    @functools.partial(jax.jit, static_argnums=0)
+    def correct(names, params, *arrays):
+        batch = dict(zip(names, arrays, strict=True))
+        logits, labels, valid = _forward(model, params, batch, jax.random.key(0), True)
+        right = (jnp.argmax(logits, -1) == labels) & valid
+        return jnp.stack([right.sum(-1), valid.sum(-1)], -1)
 
+    def final_eval(params) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for length in lengths:
             arrays = make(length)
-            names = sorted(arrays)
-            counts = predict_in_batches(correct, tuple(arrays[n] for n in names))
+            names = tuple(sorted(arrays))
+            counts = predict_in_batches(
+                functools.partial(correct, names, params), tuple(arrays[n] for n in names)
+            )
             results[f"accuracy@{length}"] = float(counts[:, 0].sum() / counts[:, 1].sum())
             results[f"sequence_accuracy@{length}"] = float(np.mean(counts[:, 0] == counts[:, 1]))
         return results

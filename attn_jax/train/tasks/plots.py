@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from attn_jax import viz
@@ -33,11 +34,17 @@ def weights_model(model: nn.Module) -> nn.Module | None:
 def sowed_attention(
     model: nn.Module, params: Any, *args: Any, **kwargs: Any
 ) -> dict[str, np.ndarray]:
-    """``{layer name: [batch, heads, q_len, kv_len]}`` recorded by one forward pass."""
-    _, state = model.apply(
-        {"params": params}, *args, sow_weights=True, mutable=["intermediates"], **kwargs
-    )
-    return viz.collect_attention(state["intermediates"])
+    """``{layer name: [batch, heads, q_len, kv_len]}`` recorded by one (jitted) forward
+    pass; ``kwargs`` are static."""
+
+    @jax.jit
+    def forward(params, *args):
+        _, state = model.apply(
+            {"params": params}, *args, sow_weights=True, mutable=["intermediates"], **kwargs
+        )
+        return state["intermediates"]
+
+    return viz.collect_attention(forward(params, *args))
 
 
 def plot_layers(

@@ -306,6 +306,12 @@ def _check_common(config: ml_collections.ConfigDict) -> None:
 def _scan_data(config: ml_collections.ConfigDict) -> _Data:
     _check_common(config)
     train, test = scan.make_split(config.data.split, config.seed)
+    num_test = config.data.get("num_test", 0)
+    if not isinstance(num_test, int) or not 0 <= num_test <= len(test):
+        raise ValueError(
+            f"config.data.num_test: expected 0 (the whole test split) to {len(test)}, "
+            f"got {num_test!r}"
+        )
     if config.data.num_eval > len(test):
         raise ValueError(
             f"config.data.num_eval: {config.data.num_eval} exceeds the {len(test)} test pairs"
@@ -315,7 +321,7 @@ def _scan_data(config: ml_collections.ConfigDict) -> _Data:
     return _Data(
         train=split(train),
         eval=split(test[: config.data.num_eval]),  # SCAN has no validation split
-        test=split(test),
+        test=split(test[: num_test or len(test)]),
         src_vocab=Vocabulary.from_sequences(c.split() for c, _ in pairs),
         tgt_vocab=Vocabulary.from_sequences(a.split() for _, a in pairs),
         with_bleu=False,
