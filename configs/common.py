@@ -85,3 +85,64 @@ def is_quick(arg: str | None, path: str) -> bool:
     if arg == "quick":
         return True
     raise ValueError(f"{path}: unknown variant {arg!r}; expected 'quick' or 'full'")
+
+
+def _schedule(config: ml_collections.ConfigDict, steps: int, batch: int, every: int) -> None:
+    config.train.steps = steps
+    config.train.batch_size = batch
+    config.train.eval_every = every
+    config.train.checkpoint_every = every
+
+
+def rnn_seq2seq(config: ml_collections.ConfigDict, quick: bool, quick_steps: int) -> None:
+    """``config.model`` (bidirectional LSTM encoder, LSTM decoder with additive attention)
+    and training: 10,000 steps of batch 128 at width 256, or ``quick_steps`` of batch 64 at
+    width 128 on CPU."""
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "seq2seq_rnn"
+    config.model.attention = "additive"  # additive | multiplicative | none
+    config.model.score = "general"  # multiplicative: general | dot
+    config.model.encoder_cell = "lstm"
+    config.model.bidirectional = True
+    config.model.embed_dim = 64 if quick else 128
+    config.model.hidden_dim = 128 if quick else 256
+    config.optim.learning_rate = 1e-3
+    config.optim.weight_decay = 0.0
+    _schedule(config, *((quick_steps, 64, 500) if quick else (10_000, 128, 1_000)))
+
+
+def transformer_seq2seq(config: ml_collections.ConfigDict, quick: bool, quick_steps: int) -> None:
+    """``config.model`` (encoder-decoder Transformer, sinusoidal positions) and training:
+    3 + 3 layers of width 128 with dropout for 10,000 steps of batch 128, or 2 + 2 layers
+    of width 64 without dropout for ``quick_steps`` of batch 64 on CPU."""
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "encoder_decoder"
+    config.model.attention = "dot_product"
+    config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
+    config.model.width = 64 if quick else 128
+    config.model.num_layers = 2 if quick else 3
+    config.model.num_heads = 4
+    config.model.mlp_dim = 4 * config.model.width
+    config.model.positions = "sinusoidal"
+    config.model.dropout_rate = 0.0 if quick else 0.1
+    config.optim.learning_rate = 1e-3 if quick else 5e-4
+    config.optim.weight_decay = 0.0
+    _schedule(config, *((quick_steps, 64, 500) if quick else (10_000, 128, 1_000)))
+
+
+def digits_transformer(config: ml_collections.ConfigDict, quick: bool, quick_steps: int) -> None:
+    """Transformer sizes and training shared by the digits configs (``config.model.name``
+    and its inputs are set by the caller): ViT-Tiny-like 6 layers of width 192 for 5,000
+    steps, or 2 layers of width 64 for ``quick_steps`` on CPU; batch 64."""
+    config.model = ml_collections.ConfigDict()
+    config.model.pooling = "cls"
+    config.model.attention = "dot_product"
+    config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
+    config.model.width = 64 if quick else 192
+    config.model.num_layers = 2 if quick else 6
+    config.model.num_heads = 4 if quick else 3
+    config.model.mlp_dim = 2 * config.model.width if quick else 4 * config.model.width
+    config.model.positions = "learned"
+    config.model.dropout_rate = 0.1
+    config.optim.weight_decay = 0.05
+    _schedule(config, *((quick_steps, 64, 250) if quick else (5_000, 64, 500)))

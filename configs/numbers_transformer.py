@@ -14,31 +14,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """``arg``: ``"quick"`` (CPU, minutes), or ``None`` / ``"full"`` (sized for an accelerator)."""
     config = common.base_config()
     config.data = common.numbers_data()
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "encoder_decoder"
-    config.model.attention = "dot_product"
-    config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
-    config.model.width = 128
-    config.model.num_layers = 3
-    config.model.num_heads = 4
-    config.model.mlp_dim = 512
-    config.model.positions = "sinusoidal"
-    config.model.dropout_rate = 0.1
-
-    config.optim.learning_rate = 5e-4
-    config.optim.weight_decay = 0.0
-    config.train.steps = 10_000
-    config.train.batch_size = 128
-    config.train.eval_every = 1_000
-    config.train.checkpoint_every = 1_000
-    if common.is_quick(arg, "configs/numbers_transformer.py"):
-        config.model.width = 64
-        config.model.num_layers = 2
-        config.model.mlp_dim = 256
-        config.model.dropout_rate = 0.0
-        config.optim.learning_rate = 1e-3
-        config.train.steps = 1_500
-        config.train.batch_size = 64
-        config.train.eval_every = 500
-        config.train.checkpoint_every = 500
+    quick = common.is_quick(arg, "configs/numbers_transformer.py")
+    common.transformer_seq2seq(config, quick, quick_steps=1_500)
     return config

@@ -19,26 +19,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """``arg``: ``"quick"`` (CPU, minutes), or ``None`` / ``"full"`` (sized for an accelerator)."""
     config = common.base_config()
     config.data = common.scan_data()
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "seq2seq_rnn"
-    config.model.attention = "additive"
-    config.model.score = "general"
-    config.model.encoder_cell = "lstm"
-    config.model.bidirectional = True
-    config.model.embed_dim = 128
-    config.model.hidden_dim = 256
-
-    config.optim.learning_rate = 1e-3
-    config.optim.weight_decay = 0.0
-    config.train.steps = 10_000
-    config.train.batch_size = 128
-    config.train.eval_every = 1_000
-    config.train.checkpoint_every = 1_000
-    if common.is_quick(arg, "configs/scan_rnn.py"):
-        config.model.embed_dim = 64
-        config.model.hidden_dim = 128
-        config.train.steps = 2_000
-        config.train.batch_size = 64
-        config.train.eval_every = 500
-        config.train.checkpoint_every = 500
+    common.rnn_seq2seq(config, common.is_quick(arg, "configs/scan_rnn.py"), quick_steps=2_000)
     return config

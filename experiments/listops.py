@@ -26,9 +26,10 @@ from experiments.reporting import (
     load_config,
     markdown_table,
     percent,
-    quiet_logs,
     run_trials,
     save_figure,
+    start,
+    steps_override,
     write_outputs,
 )
 
@@ -107,13 +108,8 @@ def _figure(report: dict[str, Any], path: pathlib.Path) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_logs()
-    unknown = sorted(set(FLAGS.kernels) - set(KERNELS))
-    if unknown:
-        raise app.UsageError(f"--kernels: unknown {unknown}; expected some of {list(KERNELS)}")
-    overrides = {"train.steps": FLAGS.steps} if FLAGS.steps else None
+    start(argv, kernels=(FLAGS.kernels, KERNELS))
+    overrides = steps_override(FLAGS.steps)
     report = run(FLAGS.out_dir, kernels=FLAGS.kernels, full=FLAGS.full, overrides=overrides)
     print(_markdown(report))
     print(f"wrote {FLAGS.out_dir}/listops.json, listops.md and listops.png")

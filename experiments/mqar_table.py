@@ -28,9 +28,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs,
 from experiments.reporting import (
     load_config,
     markdown_table,
-    quiet_logs,
     run_trials,
     save_figure,
+    start,
+    steps_override,
     write_outputs,
 )
 
@@ -162,23 +163,19 @@ def _figure(best: dict[int, dict[str, dict[int, float | None]]], path: pathlib.P
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_logs()
     from attn_jax import kernels as registry
 
     grid = GRIDS["full" if FLAGS.full else "cpu"]
     kernels = FLAGS.kernels or default_kernels()
-    unknown = sorted(set(kernels) - set(registry.available(interface="dot_product")))
-    if unknown:
-        raise app.UsageError(f"--kernels: {unknown} are not dot_product kernels")
     lengths = [int(n) for n in FLAGS.lengths] if FLAGS.lengths else grid["lengths"]
-    bad = sorted(set(lengths) - set(KV_PAIRS))
-    if bad:
-        raise app.UsageError(f"--lengths: {bad}; expected some of {sorted(KV_PAIRS)}")
+    start(
+        argv,
+        kernels=(kernels, registry.available(interface="dot_product")),
+        lengths=(lengths, KV_PAIRS),
+    )
     widths = [int(w) for w in FLAGS.widths] if FLAGS.widths else grid["widths"]
     rates = [float(r) for r in FLAGS.learning_rates] or grid["learning_rates"]
-    overrides = {"train.steps": FLAGS.steps} if FLAGS.steps else None
+    overrides = steps_override(FLAGS.steps)
     report = run(
         FLAGS.out_dir,
         kernels=kernels,

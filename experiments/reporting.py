@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,18 +27,32 @@ __all__ = [
     "load_config",
     "markdown_table",
     "percent",
-    "quiet_logs",
     "run_trials",
     "save_figure",
+    "start",
+    "steps_override",
     "write_outputs",
 ]
 
 
-def quiet_logs() -> None:
-    """Only warnings from absl logging (orbax logs every checkpoint step at INFO)."""
-    from absl import logging
+def start(argv: Sequence[str], **choices: tuple[Sequence[str], Iterable[str]]) -> None:
+    """The common start of a script's ``main``: no positional arguments, every
+    ``--NAME`` flag's values among the known ones (``NAME=(chosen, known)``), and only
+    warnings from absl logging (orbax logs every checkpoint at INFO)."""
+    from absl import app, logging
 
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+    for name, (chosen, known) in choices.items():
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            raise app.UsageError(f"--{name}: unknown {unknown}; expected some of {list(known)}")
     logging.set_verbosity(logging.WARNING)
+
+
+def steps_override(steps: int) -> dict[str, int] | None:
+    """``--steps``: every trial's ``config.train.steps`` (0 keeps the configs')."""
+    return {"train.steps": steps} if steps else None
 
 
 def load_config(name: str, variant: str | None) -> ml_collections.ConfigDict:

@@ -26,9 +26,10 @@ from experiments.reporting import (
     load_config,
     markdown_table,
     percent,
-    quiet_logs,
     run_trials,
     save_figure,
+    start,
+    steps_override,
     write_outputs,
 )
 
@@ -112,17 +113,8 @@ def _figure(table: dict[str, dict[str, Any]], splits: Sequence[str], path: pathl
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_logs()
-    for name, chosen, known in (
-        ("models", FLAGS.models, MODELS),
-        ("splits", FLAGS.splits, SPLITS),
-    ):
-        unknown = sorted(set(chosen) - set(known))
-        if unknown:
-            raise app.UsageError(f"--{name}: unknown {unknown}; expected some of {list(known)}")
-    overrides = {"train.steps": FLAGS.steps} if FLAGS.steps else None
+    start(argv, models=(FLAGS.models, MODELS), splits=(FLAGS.splits, SPLITS))
+    overrides = steps_override(FLAGS.steps)
     report = run(
         FLAGS.out_dir,
         models=FLAGS.models,

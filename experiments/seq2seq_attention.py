@@ -27,9 +27,10 @@ from experiments.reporting import (
     load_config,
     markdown_table,
     percent,
-    quiet_logs,
     run_trials,
     save_figure,
+    start,
+    steps_override,
     write_outputs,
 )
 
@@ -105,13 +106,8 @@ def _figure(finals: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_logs()
-    unknown = sorted(set(FLAGS.models) - set(MODELS))
-    if unknown:
-        raise app.UsageError(f"--models: unknown {unknown}; expected some of {list(MODELS)}")
-    overrides = {"train.steps": FLAGS.steps} if FLAGS.steps else None
+    start(argv, models=(FLAGS.models, MODELS))
+    overrides = steps_override(FLAGS.steps)
     report = run(FLAGS.out_dir, models=FLAGS.models, full=FLAGS.full, overrides=overrides)
     print(_markdown(report["final"]))
     print(f"wrote {FLAGS.out_dir}/seq2seq.json, seq2seq.md, seq2seq.png and alignments/")

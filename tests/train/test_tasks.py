@@ -133,6 +133,7 @@ def test_bucket_metrics_split_exact_match_and_bleu_by_length():
         ("scan_rnn", "model.name", "gru", "config.model.name: expected one of"),
         ("scan_rnn", "model.attention", "bahdanau", "config.model.attention: unknown kernel"),
         ("scan_rnn", "model.score", "cosine", "config.model.score"),
+        ("scan_rnn", "model.attention", "flash", "config.model.attention: 'flash' returns no"),
         ("scan_rnn", "data.num_test", 5_000, "config.data.num_test"),
         ("numbers_rnn", "data.max_digits", 13, "config.data.max_digits"),
         ("numbers_transformer", "data.length_buckets", [8, 4], "config.data.length_buckets"),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from attn_jax import decode, models
+from attn_jax import decode, kernels, models
 from attn_jax.data import numbers, scan
 from attn_jax.data.batching import ArrayDataset
 from attn_jax.data.vocab import BOS, EOS, PAD, Vocabulary, pad_sequences
@@ -146,6 +146,12 @@ def _model(config: ml_collections.ConfigDict, data: _Data):
     name = config.model.get("name")
     src_len, tgt_len = data.lengths()
     if name == "seq2seq_rnn":
+        attention = config.model.get("attention", "additive")
+        if attention in kernels.available() and not kernels.capabilities(attention).weights:
+            raise ValueError(
+                f"config.model.attention: {attention!r} returns no attention weights, which "
+                "the RNN decoder records; use additive, multiplicative, dot_product or none"
+            )
         fields = model_fields(
             config.model, models.Seq2SeqRNN, exclude=("src_vocab_size", "tgt_vocab_size")
         )
