@@ -26,6 +26,7 @@ from attn_jax.kernels.registry import (
     spec,
     unregister,
 )
+from attn_jax.kernels.ring import ring_attention
 from attn_jax.kernels.sliding_window import sliding_window_attention
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "pallas_flash_attention",
     "performer_attention",
     "register",
+    "ring_attention",
     "sliding_window_attention",
     "spec",
     "unregister",

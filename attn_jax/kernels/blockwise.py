@@ -27,6 +27,8 @@ __all__ = [
     "canonicalize",
     "kv_block_range",
     "pad_to",
+    "position_visibility",
+    "zeros_like_inputs",
 ]
 
 MASK_VALUE = softmax_core.MASK_VALUE
@@ -72,6 +74,13 @@ class Canonical:
     batch_shape: tuple[int, ...]
     heads: int
     out_dtype: Any
+
+
+def zeros_like_inputs(shape: tuple[int, ...], *like: jax.Array | None, fill: float = 0.0):
+    """A float32 constant that carries the (shard_map) variance of every array in ``like``,
+    so loop carries keep one type when the inputs are sharded."""
+    tie = sum(a.reshape(-1)[0].astype(jnp.float32) * 0.0 for a in like if a is not None)
+    return jnp.full(shape, fill, jnp.float32) + tie
 
 
 def pad_to(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
@@ -215,6 +224,19 @@ def block_visibility(
     """``[batch or 1, kv_heads or 1, groups or 1, block_q, block_k]`` boolean visibility."""
     i = q_start + jnp.arange(layout.block_q)[:, None]
     j = k_start + jnp.arange(layout.block_k)[None, :]
+    return position_visibility(layout, i, j, q_lengths, kv_lengths, mask_block)
+
+
+def position_visibility(
+    layout: BlockLayout,
+    i: jax.Array,
+    j: jax.Array,
+    q_lengths: jax.Array | None,
+    kv_lengths: jax.Array | None,
+    mask_block: jax.Array | None,
+) -> jax.Array:
+    """Visibility of query positions ``i [n, 1]`` to key positions ``j [1, m]`` (in the
+    whole sequences): ``[batch or 1, kv_heads or 1, groups or 1, n, m]``."""
     ok = (i < layout.q_len) & (j < layout.kv_len)
     shifted = i + layout.offset
     if layout.is_causal:

@@ -18,16 +18,10 @@ import jax.numpy as jnp
 
 from attn_jax.kernels import blockwise
 from attn_jax.kernels.blockwise import MASK_VALUE, BlockLayout
+from attn_jax.kernels.blockwise import zeros_like_inputs as _zeros
 from attn_jax.kernels.registry import Capabilities, register
 
 __all__ = ["flash_attention"]
-
-
-def _zeros(shape: tuple[int, ...], *like: jax.Array | None, fill: float = 0.0) -> jax.Array:
-    """A float32 constant that carries the (shard_map) variance of every array in ``like``,
-    so loop carries keep one type when the inputs are sharded."""
-    tie = sum(a.reshape(-1)[0].astype(jnp.float32) * 0.0 for a in like if a is not None)
-    return jnp.full(shape, fill, jnp.float32) + tie
 
 
 def _scores(layout: BlockLayout, q_blk, k_blk, bias_blk):

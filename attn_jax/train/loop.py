@@ -8,23 +8,20 @@ import subprocess
 from importlib import metadata
 from typing import Any
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from attn_jax.train.checkpoints import Checkpoints
 from attn_jax.train.metrics import PLOT_LOCK, MetricsWriter, plot_learning_curve
 from attn_jax.train.optim import make_optimizer
+from attn_jax.train.parallelism import DataParallel, SequenceParallel
 from attn_jax.train.state import TrainState
 from attn_jax.train.tasks import Task, build_task, init_params
 from attn_jax.train.termination import sigterm_stops, stop_requested
 
 __all__ = ["TrainingDivergedError", "train_and_evaluate"]
-
-AXIS = "devices"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -40,42 +37,6 @@ def _devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
             f"config.train.num_devices: {wanted} requested, {len(devices)} local devices"
         )
     return devices[:wanted]
-
-
-def _shard(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
-    """This process's rows of a global batch, split over its devices:
-    ``[batch, ...]`` -> ``[devices, batch // (processes * devices), ...]``.
-
-    With several processes (multi-host), process ``p`` takes the ``p``-th contiguous slice,
-    so the global batch is the same as on one host with all the devices.
-    """
-    processes, index = jax.process_count(), jax.process_index()
-    out = {}
-    for key, value in batch.items():
-        rows = value.shape[0] // processes
-        local = value[index * rows : (index + 1) * rows]
-        out[key] = local.reshape(num_devices, -1, *value.shape[1:])
-    return out
-
-
-def _make_steps(task: Task, tx: optax.GradientTransformation):
-    def train_step(state: TrainState, batch):
-        rng = jax.random.wrap_key_data(state.rng)
-        rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
-        grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, batch, rng, False)
-        grads = jax.lax.pmean(grads, AXIS)
-        metrics = jax.lax.pmean(metrics, AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    def eval_step(params, batch):
-        _, metrics = task.loss_fn(params, batch, jax.random.key(0), True)
-        return jax.lax.pmean(metrics, AXIS)
-
-    return train_step, eval_step
 
 
 def _versions() -> dict[str, str]:
@@ -99,29 +60,10 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _first_replica(tree: Any) -> Any:
-    """Host numpy copy of device 0's replica of a pmapped pytree, read from this process's
-    own shard: no operation on the (multi-process) global array, hence no collective that
-    other processes would have to join."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
-
-
 def _say(message: str, label: str = "") -> None:
     """Prints on process 0 only."""
     if jax.process_index() == 0:
         print(f"{label}{message}", flush=True)
-
-
-def evaluate(task: Task, p_eval, params, batch_size: int, num_devices: int) -> dict[str, float]:
-    """Mean metrics over the whole eval set (its size is a multiple of ``batch_size``)."""
-    totals: dict[str, float] = {}
-    count = 0
-    for batch in task.eval.batches(batch_size):
-        metrics = _first_replica(p_eval(params, _shard(batch, num_devices)))
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
-        count += 1
-    return {name: total / count for name, total in totals.items()}
 
 
 def train_and_evaluate(
@@ -166,7 +108,6 @@ def train_and_evaluate(
             f"({jax.local_device_count()}); got {len(devices)}"
         )
     writer_process = jax.process_index() == 0
-    num_devices = len(devices)
     total_steps = train.steps
     tx = make_optimizer(config.optim, total_steps)
 
@@ -189,13 +130,12 @@ def train_and_evaluate(
         state, resumed_from = restored, int(restored.step)
         _say(f"resuming from step {resumed_from}", label)
 
-    train_step, eval_step = _make_steps(task, tx)
-    # Several processes: pmap must be given every process's devices (identically), and
-    # maps over the local ones; the collectives then span all of them.
-    mapped = devices if jax.process_count() == 1 else jax.devices()
-    p_train = jax.pmap(train_step, axis_name=AXIS, devices=mapped, donate_argnums=(0,))
-    p_eval = jax.pmap(eval_step, axis_name=AXIS, devices=mapped)
-    pstate = flax.jax_utils.replicate(state, devices)
+    seq = train.get("sequence_parallel", 1)
+    if seq > 1:
+        strategy = SequenceParallel(task, tx, devices, seq)
+    else:
+        strategy = DataParallel(task, tx, devices)
+    pstate = strategy.place(state)
     writer = MetricsWriter(workdir, total_steps, label=label) if writer_process else None
     tokens_per_step = train.batch_size * task.tokens_per_example
     step = int(state.step)
@@ -203,16 +143,13 @@ def train_and_evaluate(
     interrupted = False
 
     def save(step: int, metrics: dict[str, float] | None) -> None:
-        host_state = _first_replica(pstate)
-        checkpoints.save(step, host_state, metrics)
+        checkpoints.save(step, strategy.host(pstate), metrics)
 
     try:
         with sigterm_stops():
             while step < total_steps:
-                batch = _shard(task.train.batch(step, train.batch_size), num_devices)
-                pstate, metrics = p_train(pstate, batch)
+                pstate, host = strategy.train(pstate, task.train.batch(step, train.batch_size))
                 step += 1
-                host = _first_replica(metrics)
                 loss = float(host["loss"])
                 if not np.isfinite(loss):
                     raise TrainingDivergedError(
@@ -225,9 +162,7 @@ def train_and_evaluate(
                     writer.write(step, "train", host)
                     writer.progress(step, host, tokens_per_step)
                 if step % train.eval_every == 0 or step == total_steps:
-                    eval_metrics = evaluate(
-                        task, p_eval, pstate.params, train.batch_size, num_devices
-                    )
+                    eval_metrics = strategy.evaluate(pstate, task.eval, train.batch_size)
                     if writer:
                         writer.write(step, "eval", eval_metrics)
                     _say(
@@ -251,7 +186,7 @@ def train_and_evaluate(
         plot_learning_curve(workdir / "metrics.jsonl", workdir / "learning_curve.png")
     final: dict[str, Any] = {}
     if writer_process and not interrupted:
-        final = _final_evaluation(task, _first_replica(pstate.params), workdir, label)
+        final = _final_evaluation(task, strategy.host(pstate.params), workdir, label)
     return {
         "step": step,
         "eval": eval_metrics,

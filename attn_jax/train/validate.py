@@ -25,6 +25,33 @@ def _positive(config: ml_collections.ConfigDict, path: str, *, allow_zero: bool 
         raise ConfigError(f"config.{path}: expected a number {bound}, got {node!r}")
 
 
+SEQUENCE_PARALLEL_TASKS = ("mqar", "copy", "induction")
+
+
+def _sequence_parallel(config: ml_collections.ConfigDict, devices: int, processes: int) -> int:
+    """``config.train.sequence_parallel`` checked against the devices and the task."""
+    seq = config.train.get("sequence_parallel", 1)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise ConfigError(f"config.train.sequence_parallel: expected an integer >= 1, got {seq!r}")
+    if seq == 1:
+        return 1
+    if processes > 1:
+        raise ConfigError(
+            "config.train.sequence_parallel: sequence parallelism runs in one process "
+            "(multi-host jobs are data parallel)"
+        )
+    if devices % seq:
+        raise ConfigError(
+            f"config.train.sequence_parallel: {seq} does not divide the {devices} devices"
+        )
+    if config.data.name not in SEQUENCE_PARALLEL_TASKS:
+        raise ConfigError(
+            f"config.train.sequence_parallel: task {config.data.name!r} has no sequence-"
+            f"parallel loss; decoder LM tasks do: {', '.join(SEQUENCE_PARALLEL_TASKS)}"
+        )
+    return seq
+
+
 def validate_train_config(
     config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1
 ) -> None:
@@ -62,17 +89,20 @@ def validate_train_config(
             "train.num_devices",
         ):
             _positive(config, path, allow_zero=True)
-        devices = (config.train.num_devices or num_devices) * num_processes
         if config.train.num_devices > num_devices:
             raise ConfigError(
                 f"config.train.num_devices: {config.train.num_devices} requested but only "
                 f"{num_devices} local devices"
             )
+        local = config.train.num_devices or num_devices
+        seq = _sequence_parallel(config, local, num_processes)
+        devices = local // seq * num_processes  # the batch is split over these
         if config.train.batch_size % devices:
             across = f" of {num_processes} processes" if num_processes > 1 else ""
+            what = f"{devices} data-parallel groups" if seq > 1 else f"{devices} devices"
             raise ConfigError(
                 f"config.train.batch_size: {config.train.batch_size} is not divisible by the "
-                f"{devices} devices{across}"
+                f"{what}{across}"
             )
         if config.data.num_eval % config.train.batch_size:
             raise ConfigError(

@@ -19,7 +19,10 @@ from attn_jax.data.batching import ArrayDataset
 from attn_jax.models.blocks import check_options
 
 __all__ = [
+    "DATA_AXIS",
+    "SEQ_AXIS",
     "LossFn",
+    "SequenceParallelLoss",
     "Task",
     "TaskDefinition",
     "check_fields",
@@ -31,6 +34,22 @@ __all__ = [
 ]
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+DATA_AXIS, SEQ_AXIS = "data", "seq"  # the mesh axes of sequence-parallel training
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceParallelLoss:
+    """A task's loss for data x sequence parallel training (inside ``shard_map``).
+
+    Attributes:
+      loss_fn: ``(params, local batch, rng, deterministic) -> (loss, metrics)``: this
+        device's share of the global loss (normalised by the global count, so the summed
+        gradients are the global gradient) and global metrics.
+      sequence_keys: the batch arrays split along their second (sequence) axis too.
+    """
+
+    loss_fn: LossFn
+    sequence_keys: tuple[str, ...]
 
 
 @dataclasses.dataclass
@@ -50,6 +69,8 @@ class Task:
         returns a JSON-able dict whose scalar entries are the headline numbers.
       plot_examples: ``(params, directory) -> written PNG paths``: attention heatmaps of a
         few evaluation examples.
+      sequence_parallel: the loss for ``config.train.sequence_parallel > 1`` (decoder LM
+        tasks), or ``None``.
     """
 
     model: nn.Module
@@ -60,6 +81,7 @@ class Task:
     tokens_per_example: int
     final_eval: Callable[[Any], dict[str, Any]] | None = None
     plot_examples: Callable[[Any, pathlib.Path], list[pathlib.Path]] | None = None
+    sequence_parallel: SequenceParallelLoss | None = None
 
     def init_batch(self, batch_size: int = 2) -> dict[str, np.ndarray]:
         return self.train.batch(0, batch_size)

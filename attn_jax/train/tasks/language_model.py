@@ -9,6 +9,7 @@ the fraction of examples with every answer right. Copy and induction heads train
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from attn_jax import models
 from attn_jax.data.batching import ArrayDataset
@@ -32,6 +34,9 @@ from attn_jax.data.copy_tasks import (
 from attn_jax.data.mqar import IGNORE, MQARConfig, make_mqar
 from attn_jax.data.vocab import SPECIALS
 from attn_jax.train.tasks.base import (
+    DATA_AXIS,
+    SEQ_AXIS,
+    SequenceParallelLoss,
     Task,
     TaskDefinition,
     masked_cross_entropy,
@@ -112,6 +117,72 @@ def _plot_lm(model: models.TransformerLM, example: Arrays, labels: list[str], ti
     return plot
 
 
+def _sequence_parallel_degree(config: ml_collections.ConfigDict, length: int) -> int:
+    """``config.train.sequence_parallel`` (1 = off), checked against the task."""
+    degree = config.train.get("sequence_parallel", 1)
+    if degree > 1:
+        if length % degree:
+            raise ValueError(
+                f"config.train.sequence_parallel: {degree} does not divide the sequence "
+                f"length {length}"
+            )
+        if config.model.attention != "ring":
+            raise ValueError(
+                "config.model.attention: sequence parallelism (config.train."
+                f"sequence_parallel={degree}) needs 'ring', got {config.model.attention!r}"
+            )
+    return degree
+
+
+def _with_labels(arrays: Arrays) -> Arrays:
+    """``inputs`` and per-token ``labels`` (``IGNORE`` where no loss), also for tasks whose
+    answers come as ``positions`` / ``answers``."""
+    if "labels" in arrays:
+        return {"inputs": arrays["inputs"], "labels": arrays["labels"]}
+    labels = np.full(arrays["inputs"].shape, IGNORE, np.int32)
+    np.put_along_axis(labels, arrays["positions"], arrays["answers"], axis=1)
+    return {"inputs": arrays["inputs"], "labels": labels}
+
+
+def _sequence_parallel_loss(model: models.TransformerLM) -> SequenceParallelLoss:
+    """Per-token cross-entropy on this device's ``[batch / data, length / seq]`` shard of
+    ``inputs`` / ``labels``, with ring attention across the ``seq`` axis and positions
+    offset by the shard's place in the sequence."""
+    options = model.options
+    kwargs = {**(options.attention_kwargs or {}), "axis_name": SEQ_AXIS, "ordering": "contiguous"}
+    sharded = model.clone(
+        options=dataclasses.replace(options, attention="ring", attention_kwargs=kwargs)
+    )
+    axes = (DATA_AXIS, SEQ_AXIS)
+
+    def loss_fn(params, batch, rng, deterministic):
+        inputs, labels = batch["inputs"], batch["labels"]
+        size = inputs.shape[1]
+        positions = jax.lax.axis_index(SEQ_AXIS) * size + jnp.arange(size)[None, :]
+        logits = sharded.apply(
+            {"params": params},
+            inputs,
+            positions=positions,
+            deterministic=deterministic,
+            rngs={"dropout": rng},
+        )
+        valid = labels != IGNORE
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+        ce = jnp.where(valid, ce, 0.0)
+        count = jnp.maximum(jax.lax.psum(valid.sum(), axes), 1)
+        right = (jnp.argmax(logits, -1) == labels) & valid
+        wrong = jax.lax.psum((valid & ~right).sum(-1), SEQ_AXIS)  # per example
+        examples = jax.lax.psum(inputs.shape[0], DATA_AXIS)
+        metrics = {
+            "loss": jax.lax.psum(ce.sum(), axes) / count,
+            "accuracy": jax.lax.psum(right.sum(), axes) / count,
+            "sequence_accuracy": jax.lax.psum((wrong == 0).sum(), DATA_AXIS) / examples,
+        }
+        return ce.sum() / count, metrics
+
+    return SequenceParallelLoss(loss_fn, ("inputs", "labels"))
+
+
 def _lm_task(
     config: ml_collections.ConfigDict,
     model: models.TransformerLM,
@@ -121,6 +192,10 @@ def _lm_task(
     final_eval: Callable[[Any], dict[str, Any]] | None = None,
 ) -> Task:
     example = {k: v[:1] for k, v in eval_.items()}
+    sequence_parallel = None
+    if _sequence_parallel_degree(config, train["inputs"].shape[1]) > 1:
+        train, eval_ = _with_labels(train), _with_labels(eval_)
+        sequence_parallel = _sequence_parallel_loss(model)
     return Task(
         model=model,
         train=ArrayDataset(train, seed=config.seed),
@@ -135,6 +210,7 @@ def _lm_task(
             token_names(example["inputs"][0]),
             f"{config.data.name} ({model.options.attention})",
         ),
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -155,6 +231,7 @@ def _mqar_spec(config: ml_collections.ConfigDict) -> MQARConfig:
 
 def _validate_mqar(config: ml_collections.ConfigDict) -> None:
     transformer_options(config.model, _mqar_spec(config).seq_len)
+    _sequence_parallel_degree(config, _mqar_spec(config).seq_len)
 
 
 def _build_mqar(config: ml_collections.ConfigDict) -> Task:
@@ -211,6 +288,7 @@ def _copy_spec(config: ml_collections.ConfigDict) -> CopyConfig:
 
 def _copy_options(config: ml_collections.ConfigDict) -> models.TransformerOptions:
     longest = max([_copy_spec(config).max_len, *_eval_lengths(config)])
+    _sequence_parallel_degree(config, 2 * _copy_spec(config).max_len + 2)
     return transformer_options(config.model, 2 * longest + 2)
 
 
@@ -237,6 +315,7 @@ def _induction_spec(config: ml_collections.ConfigDict) -> InductionConfig:
 
 def _induction_options(config: ml_collections.ConfigDict) -> models.TransformerOptions:
     longest = max([_induction_spec(config).seq_len, *_eval_lengths(config)])
+    _sequence_parallel_degree(config, _induction_spec(config).seq_len)
     return transformer_options(config.model, longest)
 
 

@@ -1,0 +1,163 @@
+"""Ring attention: exact on rings of 1, 2, 4 and 8 simulated devices, inside shard_map,
+with both orderings; memory per device shrinks with the ring.
+
+The registry's ``ring`` (every device: 8 here) runs the whole conformance suite in
+``test_conformance.py``; this file checks the smaller rings on a subset of its cases.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from attn_jax import kernels
+from attn_jax.kernels import ring
+from tests.kernels import conformance as cf
+
+SMALL_RING_CASES = [
+    c
+    for c in cf.CASES
+    if c.name
+    in (
+        "causal_q_lt_kv",
+        "causal_q_gt_kv",
+        "padding_empty_keys",
+        "window_causal_q_lt_kv",
+        "bias_and_mask",
+        "gqa",
+        "fully_masked_rows",
+        "extra_batch_dims",
+    )
+]
+
+
+@pytest.mark.parametrize("devices", [1, 2, 4])
+@pytest.mark.parametrize("case", SMALL_RING_CASES, ids=lambda c: c.name)
+def test_smaller_rings_match_the_float64_reference(devices, case):
+    cf.check_against_reference(
+        functools.partial(kernels.ring_attention, num_devices=devices), case, jnp.float32
+    )
+
+
+def _qkv(batch=2, length=16, heads=4, kv_heads=2, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(batch, length, heads, dim)), jnp.float32)
+    k, v = (
+        jnp.asarray(rng.normal(size=(batch, length, kv_heads, dim)), jnp.float32) for _ in range(2)
+    )
+    return q, k, v
+
+
+@pytest.mark.parametrize("ordering", ring.ORDERINGS)
+def test_both_orderings_give_the_same_values_and_gradients(ordering):
+    q, k, v = _qkv()
+    kwargs = {"is_causal": True, "key_value_seq_lengths": jnp.array([16, 9])}
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, **kwargs)))
+
+    ring_fn = functools.partial(kernels.ring_attention, num_devices=4, ordering=ordering)
+    expected = jax.value_and_grad(functools.partial(loss, kernels.dot_product_attention), (0, 1, 2))
+    actual = jax.jit(jax.value_and_grad(functools.partial(loss, ring_fn), (0, 1, 2)))
+    (value_a, grads_a), (value_e, grads_e) = actual(q, k, v), expected(q, k, v)
+    np.testing.assert_allclose(value_a, value_e, rtol=1e-5)
+    for a, e in zip(grads_a, grads_e, strict=True):
+        np.testing.assert_allclose(a, e, atol=1e-5)
+
+
+def test_inside_shard_map_the_kernel_takes_local_shards():
+    devices = 4
+    q, k, v = _qkv(length=16)
+    mesh = Mesh(np.asarray(jax.devices()[:devices]), ("seq",))
+    seq = P(None, "seq")
+
+    def local(q, k, v):
+        return kernels.ring_attention(
+            q, k, v, axis_name="seq", ordering="contiguous", is_causal=True
+        )
+
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 3, out_specs=seq))
+    expected = kernels.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(sharded(q, k, v), expected, atol=1e-5)
+    grads = jax.grad(lambda *a: jnp.sum(sharded(*a) ** 2), (0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(
+        lambda *a: jnp.sum(kernels.dot_product_attention(*a, is_causal=True) ** 2), (0, 1, 2)
+    )(q, k, v)
+    for a, e in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(a, e, atol=1e-5)
+    with pytest.raises(ValueError, match="argument 'mask' is not supported with 'axis_name'"):
+        jax.shard_map(
+            lambda q, k, v: kernels.ring_attention(
+                q, k, v, axis_name="seq", mask=jnp.ones((16, 16), bool)
+            ),
+            mesh=mesh,
+            in_specs=(seq,) * 3,
+            out_specs=seq,
+        )(q, k, v)
+
+
+def test_contiguous_causal_ring_skips_hidden_shards():
+    layout = ring.RingLayout(
+        block=kernels.blockwise.BlockLayout(
+            q_len=16,
+            kv_len=16,
+            kv_heads=1,
+            groups=1,
+            block_q=4,
+            block_k=4,
+            num_q_blocks=4,
+            num_k_blocks=4,
+            scale=1.0,
+            is_causal=True,
+            window=None,
+        ),
+        num_devices=4,
+        ordering="contiguous",
+        axis_name="seq",
+    )
+    visits = [[bool(layout.may_see(me, src)) for src in range(4)] for me in range(4)]
+    assert visits == [[src <= me for src in range(4)] for me in range(4)]  # 10 of 16 steps
+    striped = ring.RingLayout(layout.block, 4, "striped", "seq")
+    assert all(bool(striped.may_see(me, src)) for me in range(4) for src in range(4))
+
+
+def _scratch(devices: int, length: int) -> int:
+    q, k, v = (jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32) for _ in range(3))
+    fn = jax.grad(
+        lambda q, k, v: jnp.sum(kernels.ring_attention(q, k, v, num_devices=devices)),
+        (0, 1, 2),
+    )
+    return jax.jit(fn).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_per_device_scratch_shrinks_as_the_ring_grows():
+    one, four = _scratch(1, 1024), _scratch(4, 1024)
+    assert four < one / 6  # the [q, kv] blocks are 16x smaller; linear terms 4x
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ordering": "zigzag"}, "'ordering' must be one of"),
+        ({"num_devices": 99}, "'num_devices' must be 1..8"),
+        ({"num_devices": 2, "devices": jax.devices()[:2]}, "at most one of"),
+    ],
+)
+def test_bad_ring_arguments_are_named(kwargs, match):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=match):
+        kernels.ring_attention(q, k, v, **kwargs)
+
+
+def test_inside_pmap_without_an_axis_name_it_runs_on_each_device():
+    q, k, v = _qkv(batch=2)
+    stacked = [jnp.stack([x, x]) for x in (q, k, v)]
+    out = jax.pmap(lambda q, k, v: kernels.ring_attention(q, k, v, is_causal=True))(*stacked)
+    expected = kernels.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(out[1], expected, atol=1e-5)
