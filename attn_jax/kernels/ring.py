@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from attn_jax.kernels import blockwise
+from attn_jax.kernels import blockwise, checks
 from attn_jax.kernels.blockwise import MASK_VALUE, BlockLayout, zeros_like_inputs
 from attn_jax.kernels.registry import Capabilities, register
 
@@ -52,34 +52,36 @@ class RingLayout:
     """Static description of one device's part of a ring problem (a custom-VJP static arg).
 
     ``block`` describes the whole problem (true lengths, scale, causal, window) with
-    ``block_q`` / ``block_k`` the per-device shard lengths.
+    ``block_q`` / ``block_k`` the per-device shard lengths, which are whole numbers of
+    ``tile_q`` / ``tile_k``: each ring step walks its shards tile by tile, so no device
+    ever holds more than one ``[tile_q, tile_k]`` block of scores.
     """
 
     block: BlockLayout
     num_devices: int
     ordering: str
     axis_name: str | None  # None: a single device, no communication
+    tile_q: int
+    tile_k: int
 
-    def positions(self, shard: jax.Array, size: int) -> jax.Array:
-        """Sequence positions ``[size]`` of shard ``shard`` (``size`` rows per device)."""
-        rows = jnp.arange(size)
+    def positions(self, shard: jax.Array, start: jax.Array, size: int, rows: int) -> jax.Array:
+        """Sequence positions ``[size]`` of rows ``start..start + size`` of shard ``shard``
+        (``rows`` rows per shard)."""
+        local = start + jnp.arange(size)
         if self.ordering == "striped":
-            return rows * self.num_devices + shard
-        return shard * size + rows
+            return local * self.num_devices + shard
+        return shard * rows + local
 
-    def may_see(self, me: jax.Array, src: jax.Array) -> jax.Array:
-        """False when the key shard ``src`` is entirely hidden from query shard ``me`` by the
-        causal / window structure (contiguous ordering only; striped shards always mix)."""
+    def may_see(self, i: jax.Array, j: jax.Array) -> jax.Array:
+        """False when no query position in ``i`` can see any key position in ``j`` (both
+        increasing), by the causal / window structure or the padding: the tile is skipped."""
         b = self.block
-        if self.ordering == "striped" or (not b.is_causal and b.window is None):
-            return jnp.bool_(True)
-        q_first = me * b.block_q + b.offset
-        q_last = jnp.minimum((me + 1) * b.block_q, b.q_len) - 1 + b.offset
-        k_first, k_last = src * b.block_k, (src + 1) * b.block_k - 1
-        right = 0 if b.window is None else b.window[1]
-        ok = k_first <= q_last + (right if b.window is not None else 0)
+        ok = (i[0] < b.q_len) & (j[0] < b.kv_len)
+        if b.is_causal:
+            ok &= j[0] <= i[-1] + b.offset
         if b.window is not None:
-            ok &= k_last >= q_first - b.window[0]
+            left, right = b.window
+            ok &= (j[0] <= i[-1] + b.offset + right) & (j[-1] >= i[0] + b.offset - left)
         return ok
 
 
@@ -98,26 +100,48 @@ def _me(layout: RingLayout) -> jax.Array:
     return jax.lax.axis_index(layout.axis_name)
 
 
-def _columns(x: jax.Array | None, src: jax.Array, layout: RingLayout) -> jax.Array | None:
-    """Key columns of shard ``src`` from a row shard ``[..., block_q, kv_total]``."""
+def _slice(x: jax.Array | None, start: jax.Array, size: int, axis: int) -> jax.Array | None:
     if x is None:
         return None
-    size = layout.block.block_k
-    return jax.lax.dynamic_slice_in_dim(x, src * size, size, axis=x.ndim - 1)
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis % x.ndim)
 
 
-def _block(layout: RingLayout, q, k_blk, bias, mask, q_lengths, kv_lengths, me, src):
-    """Scores ``[b, h, g, Sq, Sk]`` of the local queries against key shard ``src`` and
-    their visibility."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Tile:
+    """One ``[tile_q, tile_k]`` block of a ring step: rows ``q0`` of this device's queries
+    against rows ``k0`` of the key shard that came from device ``src``."""
+
+    q0: jax.Array
+    k0: jax.Array
+    src: jax.Array
+    i: jax.Array  # query positions [tile_q]
+    j: jax.Array  # key positions [tile_k]
+
+
+def _tile(layout: RingLayout, me, src, iq, jk) -> _Tile:
     b = layout.block
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k_blk, precision=b.precision) * jnp.float32(b.scale)
-    bias_blk = _columns(bias, src, layout)
-    if bias_blk is not None:
-        s = s + bias_blk
-    i = layout.positions(me, b.block_q)[:, None]
-    j = layout.positions(src, b.block_k)[None, :]
+    q0, k0 = iq * layout.tile_q, jk * layout.tile_k
+    i = layout.positions(me, q0, layout.tile_q, b.block_q)
+    j = layout.positions(src, k0, layout.tile_k, b.block_k)
+    return _Tile(q0, k0, src, i, j)
+
+
+def _tile_scores(layout: RingLayout, tile: _Tile, q_t, k_t, bias, mask, q_lengths, kv_lengths):
+    """Scores ``[b, h, g, tile_q, tile_k]`` of one tile and their visibility; ``bias`` and
+    ``mask`` are this device's rows ``[..., block_q, kv_total]``."""
+    b = layout.block
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_t, k_t, precision=b.precision) * jnp.float32(b.scale)
+    column = tile.src * b.block_k + tile.k0
+
+    def cut(x):
+        return _slice(_slice(x, tile.q0, layout.tile_q, -2), column, layout.tile_k, -1)
+
+    bias_t = cut(bias)
+    if bias_t is not None:
+        s = s + bias_t
     visible = blockwise.position_visibility(
-        b, i, j, q_lengths, kv_lengths, _columns(mask, src, layout)
+        b, tile.i[:, None], tile.j[None, :], q_lengths, kv_lengths, cut(mask)
     )
     return s, visible
 
@@ -125,35 +149,47 @@ def _block(layout: RingLayout, q, k_blk, bias, mask, q_lengths, kv_lengths, me, 
 def _forward(layout: RingLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
     """``(out [b, h, g, Sq, dv], lse [b, h, g, Sq])`` for this device's queries."""
     me = _me(layout)
+    b = layout.block
+    tq, tk = layout.tile_q, layout.tile_k
     inputs = (q, k, v, bias, mask, q_lengths, kv_lengths)
-    stats = q.shape[:-1]
 
-    def update(src, m, total, acc, k_blk, v_blk):
-        s, visible = _block(layout, q, k_blk, bias, mask, q_lengths, kv_lengths, me, src)
+    def key_tile(tile, q_t, k_blk, v_blk, state):
+        m, total, acc = state
+        k_t, v_t = _slice(k_blk, tile.k0, tk, 2), _slice(v_blk, tile.k0, tk, 2)
+        s, visible = _tile_scores(layout, tile, q_t, k_t, bias, mask, q_lengths, kv_lengths)
         s = jnp.where(visible, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
-        pv = jnp.einsum("bhgqk,bhkd->bhgqd", p, v_blk, precision=layout.block.precision)
+        pv = jnp.einsum("bhgqk,bhkd->bhgqd", p, v_t, precision=b.precision)
         return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
 
-    def step(t, carry):
+    def ring_step(t, carry):
         m, total, acc, k_blk, v_blk = carry
         src = (me - t) % layout.num_devices
-        m, total, acc = jax.lax.cond(
-            layout.may_see(me, src),
-            update,
-            lambda src, m, total, acc, k_blk, v_blk: (m, total, acc),
-            src,
-            m,
-            total,
-            acc,
-            k_blk,
-            v_blk,
-        )
+
+        def query_tile(iq, state):
+            m, total, acc = state
+            q0 = iq * tq
+            q_t = _slice(q, q0, tq, 3)
+            tile_state = (_slice(m, q0, tq, 3), _slice(total, q0, tq, 3), _slice(acc, q0, tq, 3))
+
+            def one(jk, st):
+                tile = _tile(layout, me, src, iq, jk)
+                skip = lambda tile, q_t, k_blk, v_blk, st: st
+                return jax.lax.cond(
+                    layout.may_see(tile.i, tile.j), key_tile, skip, tile, q_t, k_blk, v_blk, st
+                )
+
+            m_t, total_t, acc_t = jax.lax.fori_loop(0, b.block_k // tk, one, tile_state)
+            update = lambda x, x_t: jax.lax.dynamic_update_slice_in_dim(x, x_t, q0, axis=3)
+            return update(m, m_t), update(total, total_t), update(acc, acc_t)
+
+        m, total, acc = jax.lax.fori_loop(0, b.block_q // tq, query_tile, (m, total, acc))
         k_blk, v_blk = _rotate(layout, k_blk, v_blk)
         return m, total, acc, k_blk, v_blk
 
+    stats = q.shape[:-1]
     init = (
         zeros_like_inputs(stats, *inputs, fill=MASK_VALUE),
         zeros_like_inputs(stats, *inputs),
@@ -161,7 +197,7 @@ def _forward(layout: RingLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
         k,
         v,
     )
-    m, total, acc, _, _ = jax.lax.fori_loop(0, layout.num_devices, step, init)
+    m, total, acc, _, _ = jax.lax.fori_loop(0, layout.num_devices, ring_step, init)
     seen = total > 0
     safe = jnp.where(seen, total, 1.0)
     return acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), 0.0)
@@ -174,38 +210,56 @@ def _backward(
     gradient accumulators, which are back on their own device after ``P`` hops."""
     me = _me(layout)
     b = layout.block
+    tq, tk = layout.tile_q, layout.tile_k
     scale = jnp.float32(b.scale)
     delta = (d_out * out).sum(-1) - d_lse  # [b, h, g, Sq]
     inputs = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, d_lse)
 
-    def grads(src, dq, dbias, k_blk, v_blk, dk_blk, dv_blk):
-        s, visible = _block(layout, q, k_blk, bias, mask, q_lengths, kv_lengths, me, src)
-        p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0)
-        dp = jnp.einsum("bhgqd,bhkd->bhgqk", d_out, v_blk, precision=b.precision)
-        ds = p * (dp - delta[..., None])
-        dq = dq + scale * jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_blk, precision=b.precision)
-        dk_blk = dk_blk + scale * jnp.einsum("bhgqk,bhgqd->bhkd", ds, q, precision=b.precision)
-        dv_blk = dv_blk + jnp.einsum("bhgqk,bhgqd->bhkd", p, d_out, precision=b.precision)
+    def key_tile(tile, rows, state):
+        q_t, do_t, lse_t, delta_t = rows
+        dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk = state
+        k_t, v_t = _slice(k_blk, tile.k0, tk, 2), _slice(v_blk, tile.k0, tk, 2)
+        s, visible = _tile_scores(layout, tile, q_t, k_t, bias, mask, q_lengths, kv_lengths)
+        p = jnp.where(visible, jnp.exp(s - lse_t[..., None]), 0.0)
+        dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_t, v_t, precision=b.precision)
+        ds = p * (dp - delta_t[..., None])
+        dq_t = dq_t + scale * jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_t, precision=b.precision)
+        dk_t = scale * jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_t, precision=b.precision)
+        dv_t = jnp.einsum("bhgqk,bhgqd->bhkd", p, do_t, precision=b.precision)
+        add = lambda x, x_t: jax.lax.dynamic_update_slice_in_dim(
+            x, _slice(x, tile.k0, tk, 2) + x_t, tile.k0, axis=2
+        )
+        dk_blk, dv_blk = add(dk_blk, dk_t), add(dv_blk, dv_t)
         if dbias is not None:
-            dbias = jax.lax.dynamic_update_slice_in_dim(
-                dbias, ds, src * b.block_k, axis=dbias.ndim - 1
-            )
-        return dq, dbias, dk_blk, dv_blk
+            column = tile.src * b.block_k + tile.k0
+            dbias = jax.lax.dynamic_update_slice(dbias, ds, (0, 0, 0, tile.q0, column))
+        return dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk
 
-    def step(t, carry):
+    def ring_step(t, carry):
         dq, dbias, k_blk, v_blk, dk_blk, dv_blk = carry
         src = (me - t) % layout.num_devices
-        dq, dbias, dk_blk, dv_blk = jax.lax.cond(
-            layout.may_see(me, src),
-            grads,
-            lambda src, dq, dbias, k_blk, v_blk, dk_blk, dv_blk: (dq, dbias, dk_blk, dv_blk),
-            src,
-            dq,
-            dbias,
-            k_blk,
-            v_blk,
-            dk_blk,
-            dv_blk,
+
+        def query_tile(iq, state):
+            dq, dbias, k_blk, v_blk, dk_blk, dv_blk = state
+            q0 = iq * tq
+            rows = tuple(_slice(x, q0, tq, 3) for x in (q, d_out, lse, delta))
+
+            def one(jk, st):
+                tile = _tile(layout, me, src, iq, jk)
+                skip = lambda tile, rows, st: st
+                return jax.lax.cond(layout.may_see(tile.i, tile.j), key_tile, skip, tile, rows, st)
+
+            dq_t = _slice(dq, q0, tq, 3)
+            st = (dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk)
+            dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk = jax.lax.fori_loop(
+                0, b.block_k // tk, one, st
+            )
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_t, q0, axis=3)
+            return dq, dbias, k_blk, v_blk, dk_blk, dv_blk
+
+        state = (dq, dbias, k_blk, v_blk, dk_blk, dv_blk)
+        dq, dbias, k_blk, v_blk, dk_blk, dv_blk = jax.lax.fori_loop(
+            0, b.block_q // tq, query_tile, state
         )
         k_blk, v_blk, dk_blk, dv_blk = _rotate(layout, k_blk, v_blk, dk_blk, dv_blk)
         return dq, dbias, k_blk, v_blk, dk_blk, dv_blk
@@ -218,7 +272,7 @@ def _backward(
         zeros_like_inputs(k.shape, *inputs),
         zeros_like_inputs(v.shape, *inputs),
     )
-    dq, dbias, _, _, dk, dv = jax.lax.fori_loop(0, layout.num_devices, step, init)
+    dq, dbias, _, _, dk, dv = jax.lax.fori_loop(0, layout.num_devices, ring_step, init)
     return dq, dk, dv, dbias
 
 
@@ -292,6 +346,8 @@ def ring_attention(
     devices: Sequence[jax.Device] | None = None,
     axis_name: str | None = None,
     ordering: str | None = None,
+    block_q: int = 512,
+    block_k: int = 512,
     dtype: Any = None,
     precision: Any = None,
     return_residual: bool = False,
@@ -314,6 +370,9 @@ def ring_attention(
         this device's sequence shards, all of one length, and so is the output; lengths
         (``*_seq_lengths``) stay global.
       ordering: ``"contiguous"`` or ``"striped"`` (default: striped when causal).
+      block_q, block_k: tile sizes within a ring step (clipped to the shard lengths):
+        memory per device is that of one ``[block_q, block_k]`` tile of scores plus the
+        shards.
       return_residual: also return the float32 log-sum-exp ``[batch..., q_len, heads]``.
 
     Returns:
@@ -334,6 +393,8 @@ def ring_attention(
             key_value_seq_lengths=key_value_seq_lengths,
             axis_name=axis_name,
             ordering=ordering,
+            block_q=block_q,
+            block_k=block_k,
             dtype=dtype,
             precision=precision,
             return_residual=return_residual,
@@ -342,9 +403,13 @@ def ring_attention(
         )
     ring = _ring_devices(num_devices, devices)
     n = len(ring)
-    # Shards of ceil(length / n); a malformed shape is reported by canonicalize below.
+    # Shards of ceil(length / n) rounded up to whole tiles (a malformed shape is reported
+    # by canonicalize below).
+    checks.check_block_sizes(block_q=block_q, block_k=block_k)
     q_len = query.shape[-3] if jnp.ndim(query) >= 3 else 1
     kv_len = key.shape[-3] if jnp.ndim(key) >= 3 else 1
+    sq, tq = _shard_and_tile(q_len, n, block_q)
+    sk, tk = _shard_and_tile(kv_len, n, block_k)
     c = blockwise.canonicalize(
         query,
         key,
@@ -356,18 +421,13 @@ def ring_attention(
         local_window_size=local_window_size,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
-        block_q=max(1, -(-q_len // n)),
-        block_k=max(1, -(-kv_len // n)),
+        block_q=sq,
+        block_k=sk,
         precision=precision,
         dtype=dtype,
     )
-    sq, sk = c.layout.block_q, c.layout.block_k
-    layout = RingLayout(
-        dataclasses.replace(c.layout, num_q_blocks=n, num_k_blocks=n),
-        n,
-        ordering,
-        RING_AXIS if n > 1 else None,
-    )
+    whole = dataclasses.replace(c.layout, block_q=sq, block_k=sk, num_q_blocks=n, num_k_blocks=n)
+    layout = RingLayout(whole, n, ordering, RING_AXIS if n > 1 else None, tq, tk)
     pad = blockwise.pad_to
     q = _stripe(pad(c.query, 3, n * sq), 3, n) if ordering == "striped" else pad(c.query, 3, n * sq)
     k, v = (pad(x, 2, n * sk) for x in (c.key, c.value))
@@ -397,6 +457,19 @@ def ring_attention(
     if return_residual:
         return result, blockwise.restore_lse(lse, c)
     return result
+
+
+def _shard_and_tile(length: int, devices: int, block: int) -> tuple[int, int]:
+    """``(shard, tile)``: a shard of at least ``ceil(length / devices)`` rows, a whole
+    number of tiles of at most ``block`` rows."""
+    shard = max(1, -(-length // devices))
+    tile = min(block, shard)
+    return -(-shard // tile) * tile, tile
+
+
+def _divisor_tile(shard: int, block: int) -> int:
+    """The largest divisor of ``shard`` that is at most ``block``."""
+    return max(d for d in range(1, min(shard, block) + 1) if shard % d == 0)
 
 
 def _ring_devices(num_devices: int | None, devices: Sequence[jax.Device] | None) -> list:
@@ -431,6 +504,8 @@ def _ring_on_shards(
     key_value_seq_lengths,
     axis_name,
     ordering,
+    block_q,
+    block_k,
     dtype,
     precision,
     return_residual,
@@ -465,7 +540,8 @@ def _ring_on_shards(
     whole = dataclasses.replace(
         c.layout, q_len=n * q_shard, kv_len=n * kv_shard, num_q_blocks=n, num_k_blocks=n
     )
-    layout = RingLayout(whole, n, ordering, axis_name)
+    tiles = _divisor_tile(q_shard, block_q), _divisor_tile(kv_shard, block_k)
+    layout = RingLayout(whole, n, ordering, axis_name, *tiles)
     out, lse = _ring(layout, c.query, c.key, c.value, None, None, c.q_lengths, c.kv_lengths)
     result = blockwise.restore(out, c)
     if return_residual:

@@ -102,43 +102,78 @@ def test_inside_shard_map_the_kernel_takes_local_shards():
         )(q, k, v)
 
 
-def test_contiguous_causal_ring_skips_hidden_shards():
-    layout = ring.RingLayout(
-        block=kernels.blockwise.BlockLayout(
-            q_len=16,
-            kv_len=16,
-            kv_heads=1,
-            groups=1,
-            block_q=4,
-            block_k=4,
-            num_q_blocks=4,
-            num_k_blocks=4,
-            scale=1.0,
-            is_causal=True,
-            window=None,
-        ),
-        num_devices=4,
-        ordering="contiguous",
-        axis_name="seq",
+def test_causal_tiles_hidden_from_every_query_are_skipped():
+    block = kernels.blockwise.BlockLayout(
+        q_len=16,
+        kv_len=16,
+        kv_heads=1,
+        groups=1,
+        block_q=4,
+        block_k=4,
+        num_q_blocks=4,
+        num_k_blocks=4,
+        scale=1.0,
+        is_causal=True,
+        window=None,
     )
-    visits = [[bool(layout.may_see(me, src)) for src in range(4)] for me in range(4)]
-    assert visits == [[src <= me for src in range(4)] for me in range(4)]  # 10 of 16 steps
-    striped = ring.RingLayout(layout.block, 4, "striped", "seq")
-    assert all(bool(striped.may_see(me, src)) for me in range(4) for src in range(4))
+    contiguous = ring.RingLayout(block, 4, "contiguous", "seq", 2, 2)
+    seen = {
+        (me, src)
+        for me in range(4)
+        for src in range(4)
+        for iq in range(2)
+        for jk in range(2)
+        if bool(contiguous.may_see(*_positions(contiguous, me, src, iq, jk)))
+    }
+    assert seen == {(me, src) for me in range(4) for src in range(me + 1)}
+    # Striped shards mix early and late positions: every step has visible tiles.
+    striped = ring.RingLayout(block, 4, "striped", "seq", 2, 2)
+    assert all(
+        bool(striped.may_see(*_positions(striped, me, src, 0, 0)))
+        or bool(striped.may_see(*_positions(striped, me, src, 1, 0)))
+        for me in range(4)
+        for src in range(4)
+    )
+
+
+def _positions(layout, me, src, iq, jk):
+    tile = ring._tile(layout, jnp.int32(me), jnp.int32(src), iq, jk)
+    return tile.i, tile.j
+
+
+@pytest.mark.parametrize("ordering", ring.ORDERINGS)
+def test_several_tiles_per_ring_step_with_skipping_stay_exact(ordering):
+    q, k, v = _qkv(length=24)
+    kwargs = {"is_causal": True, "local_window_size": (5, 0)}
+    fn = functools.partial(
+        kernels.ring_attention, num_devices=2, ordering=ordering, block_q=4, block_k=3
+    )
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a, **kwargs)))
+    value, grads = jax.jit(jax.value_and_grad(loss(fn), (0, 1, 2)))(q, k, v)
+    expected, expected_grads = jax.value_and_grad(loss(kernels.dot_product_attention), (0, 1, 2))(
+        q, k, v
+    )
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for a, e in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(a, e, atol=1e-5)
 
 
 def _scratch(devices: int, length: int) -> int:
     q, k, v = (jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32) for _ in range(3))
     fn = jax.grad(
-        lambda q, k, v: jnp.sum(kernels.ring_attention(q, k, v, num_devices=devices)),
+        lambda q, k, v: jnp.sum(
+            kernels.ring_attention(q, k, v, num_devices=devices, block_q=128, block_k=128)
+        ),
         (0, 1, 2),
     )
     return jax.jit(fn).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_per_device_scratch_shrinks_as_the_ring_grows():
-    one, four = _scratch(1, 1024), _scratch(4, 1024)
-    assert four < one / 6  # the [q, kv] blocks are 16x smaller; linear terms 4x
+def test_per_device_scratch_grows_with_the_shard_not_the_sequence():
+    # Scratch = one tile of scores (constant) + terms linear in the shard length.
+    one = _scratch(1, 2048) - _scratch(1, 1024)
+    four = _scratch(4, 2048) - _scratch(4, 1024)
+    assert 0 < four < one / 3  # 4 devices: a quarter of the growth
 
 
 @pytest.mark.parametrize(

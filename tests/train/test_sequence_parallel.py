@@ -46,6 +46,7 @@ def test_sharded_loss_and_gradients_equal_the_unsharded_ones():
     strategy = SequenceParallel(sharded, make_optimizer(_config().optim, 8), jax.devices(), 4)
     assert dict(strategy.mesh.shape) == {"data": 2, "seq": 4}
     loss_fn = sharded.sequence_parallel.loss_fn
+
     def metrics_and_grads(params, batch):  # this device's loss varies: keep the global ones
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, batch, jax.random.key(1), True
