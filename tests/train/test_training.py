@@ -93,10 +93,14 @@ def _final_params(workdir):
     return step, state["params"]
 
 
-def _launch(workdir, *flags, env=None):
+def _launch(workdir, *flags, env=None, audit=None):
+    """launch.py on the quick MQAR config; with ``audit``, what the process writes under
+    ``workdir`` through Python is recorded in that JSON file (tests/train/write_audit.py)."""
+    wrapper = [str(ROOT / "tests" / "train" / "write_audit.py"), str(audit), str(workdir)]
     return subprocess.Popen(
         [
             sys.executable,
+            *(wrapper if audit else []),
             str(ROOT / "launch.py"),
             f"--config={ROOT}/configs/mqar.py:quick",
             "--config.data.vocab_size=256",
@@ -212,7 +216,7 @@ def test_launcher_rejects_bad_input_before_writing_anything(tmp_path, flag, mess
 
 def test_two_processes_train_like_one_process_with_all_their_devices(tmp_path):
     """Multi-host on CPU: two processes of 2 devices each (jax.distributed, gloo) give the
-    losses of one process with 4 devices; only process 0 writes metrics."""
+    losses of one process with 4 devices; only process 0 writes checkpoints and metrics."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
@@ -225,6 +229,7 @@ def test_two_processes_train_like_one_process_with_all_their_devices(tmp_path):
             "--num_processes=2",
             f"--process_id={index}",
             env=env,
+            audit=tmp_path / f"writes_{index}.json",
         )
         for index in (0, 1)
     ]
@@ -232,6 +237,11 @@ def test_two_processes_train_like_one_process_with_all_their_devices(tmp_path):
     for worker, (_, stderr) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, stderr
     assert "step 8/8" in outputs[0][0] and "step 8/8" not in outputs[1][0]
+    writes = [json.loads((tmp_path / f"writes_{i}.json").read_text()) for i in (0, 1)]
+    assert writes[1] == []  # process 1 wrote nothing in the workdir
+    names = {pathlib.Path(p).name for p in writes[0]}
+    assert {"metrics.jsonl", "config.json", "learning_curve.png"} <= names
+    assert any("/checkpoints/" in p for p in writes[0])
     train_and_evaluate(_quick(**{"train.num_devices": 4}), tmp_path / "one")
     np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=2e-5)
     np.testing.assert_allclose(
