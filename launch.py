@@ -16,6 +16,7 @@ runs every registered kernel on a small problem::
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -230,18 +231,38 @@ def run_sweep_flags(config: ConfigDict, workdir: pathlib.Path) -> None:
     print(f"sweep done: {len(rows)} trials; {summary}; see {workdir}/leaderboard.md")
 
 
+def _from_environment(name: str) -> int | None:
+    """An integer from the environment variable ``name`` (unset: ``None``)."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        _fail(f"environment variable {name}: expected an integer, got {value!r}")
+    raise AssertionError("unreachable")
+
+
 def init_distributed() -> None:
-    """``--distributed``: ``jax.distributed.initialize`` from the flags (before any jax use)."""
+    """``--distributed``: ``jax.distributed.initialize`` (before any jax use) from the flags,
+    else from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (and
+    ``JAX_LOCAL_DEVICE_IDS``), else from the cluster (SLURM, TPU pods, ...)."""
     if not _DISTRIBUTED.value:
         if _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
             _fail("--coordinator_address/--num_processes/--process_id need --distributed")
         return
     ids = _LOCAL_DEVICE_IDS.value
+    num_processes = _NUM_PROCESSES.value
+    process_id = _PROCESS_ID.value
+    if num_processes is None:
+        num_processes = _from_environment("JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _from_environment("JAX_PROCESS_ID")
     try:
         jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
+            coordinator_address=_COORDINATOR.value,  # None: jax reads JAX_COORDINATOR_ADDRESS
+            num_processes=num_processes,
+            process_id=process_id,
             local_device_ids=[int(i) for i in ids] if ids else None,
         )
     except (ValueError, RuntimeError) as error:

@@ -215,24 +215,34 @@ def test_launcher_rejects_bad_input_before_writing_anything(tmp_path, flag, mess
 
 
 def test_two_processes_train_like_one_process_with_all_their_devices(tmp_path):
-    """Multi-host on CPU: two processes of 2 devices each (jax.distributed, gloo) give the
-    losses of one process with 4 devices; only process 0 writes checkpoints and metrics."""
+    """Multi-host on CPU: two processes of 2 devices each (jax.distributed, gloo; one set up
+    by flags, one by JAX_* environment variables) give the losses of one process with 4
+    devices; only process 0 writes checkpoints and metrics."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    workers = [
-        _launch(
-            tmp_path / "two",
-            "--distributed",
-            f"--coordinator_address=localhost:{port}",
-            "--num_processes=2",
-            f"--process_id={index}",
-            env=env,
-            audit=tmp_path / f"writes_{index}.json",
-        )
-        for index in (0, 1)
-    ]
+    from_flags = _launch(  # process 0 from flags, process 1 from the environment
+        tmp_path / "two",
+        "--distributed",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        "--process_id=0",
+        env=env,
+        audit=tmp_path / "writes_0.json",
+    )
+    from_environment = _launch(
+        tmp_path / "two",
+        "--distributed",
+        env={
+            **env,
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": "1",
+        },
+        audit=tmp_path / "writes_1.json",
+    )
+    workers = [from_flags, from_environment]
     outputs = [worker.communicate(timeout=300) for worker in workers]
     for worker, (_, stderr) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, stderr
