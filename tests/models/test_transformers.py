@@ -14,9 +14,10 @@ from attn_jax import decode, kernels, models
 VOCAB = 23
 EXACT = kernels.available(interface="dot_product", exact=True)
 # Models pass padding and cache masks, so they take kernels that accept a mask. Besides the
-# reference kernel, `flash` stands for the efficient ones here (`chunked` has the same
-# interface; every kernel's values and gradients are checked in tests/kernels; CI time).
-MODEL_KERNELS = [n for n in EXACT if kernels.capabilities(n).mask and n != "chunked"]
+# reference kernel, `flash` stands for the efficient ones here (`chunked` and `ring` have
+# the same interface; every kernel's values and gradients are checked in tests/kernels, and
+# `ring` trains the LM in tests/train/test_sequence_parallel.py; CI time).
+MODEL_KERNELS = [n for n in EXACT if kernels.capabilities(n).mask and n not in ("chunked", "ring")]
 CAUSAL = [n for n in MODEL_KERNELS if kernels.capabilities(n).causal]
 # Every model in both dtypes with the reference kernel; with the others in float32.
 ZOO = [("dot_product", jnp.bfloat16)] + [(n, jnp.float32) for n in MODEL_KERNELS]
