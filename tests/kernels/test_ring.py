@@ -196,3 +196,23 @@ def test_inside_pmap_without_an_axis_name_it_runs_on_each_device():
     out = jax.pmap(lambda q, k, v: kernels.ring_attention(q, k, v, is_causal=True))(*stacked)
     expected = kernels.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(out[1], expected, atol=1e-5)
+
+
+def test_residual_and_its_gradient_match_the_reference():
+    q, k, v = _qkv(length=12)
+    kwargs = {"is_causal": True, "return_residual": True}
+
+    def loss(fn, q, k, v):
+        out, lse = fn(q, k, v, **kwargs)
+        return jnp.sum(out**2) + jnp.sum(jnp.cos(lse))
+
+    ring_fn = functools.partial(kernels.ring_attention, num_devices=4)
+    _, lse = jax.jit(functools.partial(ring_fn, **kwargs))(q, k, v)
+    _, want = kernels.dot_product_attention(q, k, v, **kwargs)
+    np.testing.assert_allclose(lse, want, atol=1e-5)
+    grads = jax.jit(jax.grad(functools.partial(loss, ring_fn), (0, 1, 2)))(q, k, v)
+    want_grads = jax.grad(functools.partial(loss, kernels.dot_product_attention), (0, 1, 2))(
+        q, k, v
+    )
+    for a, e in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, e, atol=1e-5)
