@@ -14,8 +14,8 @@ Two orderings of the sequence over the devices:
   window mask, steps whose key shard is entirely hidden are skipped (no compute), but the
   work is unbalanced: the last device does ``P`` steps of work, the first one.
 - ``"striped"`` (Brandon et al. 2023): device ``d`` holds positions ``d, d + P, d + 2P,
-  ...``, so every device does the same work under a causal mask. The default when
-  ``is_causal``.
+  ...``, so every device does the same work under a causal mask. The default for causal
+  attention on whole arrays.
 
 Called with whole arrays (``axis_name=None``), :func:`ring_attention` shards them itself
 over ``num_devices`` devices (default: every device, or one device when it runs inside
@@ -369,7 +369,9 @@ def ring_attention(
       axis_name: run inside your ``shard_map``/``pmap`` over this axis: the arrays are
         this device's sequence shards, all of one length, and so is the output; lengths
         (``*_seq_lengths``) stay global.
-      ordering: ``"contiguous"`` or ``"striped"`` (default: striped when causal).
+      ordering: ``"contiguous"`` or ``"striped"``; default striped for causal attention on
+        whole arrays, else contiguous (with ``axis_name``, ``"striped"`` means device ``d``
+        was given positions ``d, d + P, ...``).
       block_q, block_k: tile sizes within a ring step (clipped to the shard lengths):
         memory per device is that of one ``[block_q, block_k]`` tile of scores plus the
         shards.
@@ -378,7 +380,8 @@ def ring_attention(
     Returns:
       ``[batch..., q_len, heads, v_head_dim]`` in the query's dtype (or ``dtype``).
     """
-    ordering = ordering or ("striped" if is_causal else "contiguous")
+    if ordering is None:  # shards given by the caller are contiguous; ours balance causal
+        ordering = "striped" if is_causal and axis_name is None else "contiguous"
     if ordering not in ORDERINGS:
         raise ValueError(f"ring: argument 'ordering' must be one of {ORDERINGS}, got {ordering!r}")
     if axis_name is not None:

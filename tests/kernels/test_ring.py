@@ -78,9 +78,7 @@ def test_inside_shard_map_the_kernel_takes_local_shards():
     seq = P(None, "seq")
 
     def local(q, k, v):
-        return kernels.ring_attention(
-            q, k, v, axis_name="seq", ordering="contiguous", is_causal=True
-        )
+        return kernels.ring_attention(q, k, v, axis_name="seq", is_causal=True)  # contiguous
 
     sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(seq,) * 3, out_specs=seq))
     expected = kernels.dot_product_attention(q, k, v, is_causal=True)
