@@ -91,6 +91,8 @@ def test_scan_final_evaluation_decodes_the_whole_test_split_by_default():
 
 
 def test_kernels_without_weights_are_plotted_through_the_exact_reference(tmp_path):
+    """Exact kernels without weights plot through dot_product; approximate kernels and
+    seq2seq models without attention plot nothing."""
     config = _quick("induction", **{"model.attention": "flash"})
     task = build_task(config)
     params = init_params(task, jax.random.key(0))
@@ -101,6 +103,9 @@ def test_kernels_without_weights_are_plotted_through_the_exact_reference(tmp_pat
     ]
     approximate = build_task(_quick("induction", **{"model.attention": "linear"}))
     assert approximate.plot_examples(params, tmp_path / "linear") == []
+    without_attention = build_task(_quick("numbers_rnn", **{"model.attention": "none"}))
+    rnn_params = init_params(without_attention, jax.random.key(0))
+    assert without_attention.plot_examples(rnn_params, tmp_path / "none") == []
 
 
 def test_encode_pairs_shifts_targets_and_pads():
