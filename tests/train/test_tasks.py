@@ -16,16 +16,22 @@ from attn_jax.train.tasks.seq2seq import bleu, bucket_metrics, encode_pairs
 from attn_jax.train.validate import ConfigError, validate_train_config
 
 # Config file -> overrides that keep a CI run to seconds (fewer examples, tiny batches).
+ONE_LAYER = {"model.num_layers": 1}  # Transformers: half the compile time
 SMALL = {
     "scan_rnn": {"data.num_test": 24},
-    "scan_transformer": {"data.split": "length", "data.num_test": 24},
+    "scan_transformer": {"data.split": "length", "data.num_test": 24, **ONE_LAYER},
     "numbers_rnn": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 24},
-    "numbers_transformer": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 24},
-    "listops": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 20},
-    "digits_vit": {},
-    "digits_pixels": {},
-    "copy": {"data.num_train": 64, "data.num_final": 12},
-    "induction": {"data.num_train": 64, "data.num_final": 12},
+    "numbers_transformer": {
+        "data.num_train": 64,
+        "data.num_valid": 16,
+        "data.num_test": 24,
+        **ONE_LAYER,
+    },
+    "listops": {"data.num_train": 64, "data.num_valid": 16, "data.num_test": 20, **ONE_LAYER},
+    "digits_vit": ONE_LAYER,
+    "digits_pixels": ONE_LAYER,
+    "copy": {"data.num_train": 64, "data.num_final": 12, "data.eval_lengths": [16, 32]},
+    "induction": {"data.num_train": 64, "data.num_final": 12, "data.eval_lengths": [32, 64]},
 }
 
 
@@ -91,6 +97,8 @@ def test_scan_final_evaluation_decodes_the_whole_test_split_by_default():
 
 
 def test_kernels_without_weights_are_plotted_through_the_exact_reference(tmp_path):
+    """Exact kernels without weights plot through dot_product; approximate kernels and
+    seq2seq models without attention plot nothing."""
     config = _quick("induction", **{"model.attention": "flash"})
     task = build_task(config)
     params = init_params(task, jax.random.key(0))
@@ -101,6 +109,9 @@ def test_kernels_without_weights_are_plotted_through_the_exact_reference(tmp_pat
     ]
     approximate = build_task(_quick("induction", **{"model.attention": "linear"}))
     assert approximate.plot_examples(params, tmp_path / "linear") == []
+    without_attention = build_task(_quick("numbers_rnn", **{"model.attention": "none"}))
+    rnn_params = init_params(without_attention, jax.random.key(0))
+    assert without_attention.plot_examples(rnn_params, tmp_path / "none") == []
 
 
 def test_encode_pairs_shifts_targets_and_pads():
