@@ -18,7 +18,7 @@ def test_longest_sequence_grows_with_the_ring_and_reports_are_written(tmp_path):
         head_dim=16,
         block=64,
         granule=64,
-        limit=1 << 13,
+        limit=1 << 14,
         out_dir=tmp_path,
     )
     one, four = report["rows"]

@@ -99,7 +99,12 @@ def _problem(name, batch=(4,)):
     return q, k, v, kwargs
 
 
-@pytest.mark.parametrize("name", EXACT)
+# The ring's eager shard_map calls take ~30 s here; test_ring.py covers its jit, vmap and
+# grad under jit quickly, and this runs with `pytest -m slow`.
+COMPOSITION = [pytest.param(n, marks=pytest.mark.slow) if n == "ring" else n for n in EXACT]
+
+
+@pytest.mark.parametrize("name", COMPOSITION)
 def test_composes_under_jit_vmap_and_grad(name):
     kernel = kernels.get(name)
     q, k, v, kwargs = _problem(name)

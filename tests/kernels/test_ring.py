@@ -20,9 +20,26 @@ from attn_jax import kernels
 from attn_jax.kernels import ring
 from tests.kernels import conformance as cf
 
+# CI runs these cases on the small rings (masks, padding, windows, bias, GQA, unequal
+# lengths, batch shapes, empty rows); the rest are marked slow (`pytest -m slow`).
+REPRESENTATIVE = {
+    "causal_q_lt_kv",
+    "causal_q_gt_kv",
+    "padding_empty_keys",
+    "window_causal_q_lt_kv",
+    "bias_and_mask",
+    "gqa",
+    "fully_masked_rows",
+    "extra_batch_dims",
+}
+RING_CASES = [
+    pytest.param(c, id=c.name, marks=() if c.name in REPRESENTATIVE else pytest.mark.slow)
+    for c in cf.CASES
+]
+
 
 @pytest.mark.parametrize("devices", [1, 2, 4])
-@pytest.mark.parametrize("case", cf.CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", RING_CASES)
 def test_smaller_rings_pass_the_conformance_cases(devices, case):
     """Every conformance case in float32 on rings of 1, 2 and 4 devices (the registry's
     ring of 8 runs the whole suite, low precision included, in test_conformance.py)."""
@@ -202,3 +219,10 @@ def test_residual_and_its_gradient_match_the_reference():
     )
     for a, e in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(a, e, atol=1e-5)
+
+
+def test_vmap_over_the_ring_equals_its_batch_dimension():
+    q, k, v = _qkv(batch=3, length=8)
+    ring_fn = functools.partial(kernels.ring_attention, num_devices=4, is_causal=True)
+    vmapped = jax.jit(jax.vmap(ring_fn))(q[:, None], k[:, None], v[:, None])[:, 0]
+    np.testing.assert_allclose(vmapped, jax.jit(ring_fn)(q, k, v), atol=1e-6)
