@@ -48,4 +48,5 @@ def _save() -> None:
 atexit.register(_save)
 sys.addaudithook(_hook)
 sys.argv = [program, *arguments]
+sys.path[0] = os.path.dirname(os.path.abspath(program))  # as if PROGRAM had been run itself
 runpy.run_path(program, run_name="__main__")
