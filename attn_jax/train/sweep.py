@@ -168,7 +168,7 @@ def write_outputs(
     rows: list[dict[str, Any]], keys: list[str], workdir: pathlib.Path, metric: str
 ) -> None:
     """``sweep.csv``, ``leaderboard.md`` (best first) and ``sweep.png`` (each swept key
-    against ``metric``) in ``workdir``."""
+    against ``metric``; none when no key is swept) in ``workdir``."""
     with PLOT_LOCK:  # matplotlib is not thread-safe
         _write_outputs(rows, keys, workdir, metric)
 
@@ -191,6 +191,8 @@ def _write_outputs(
         )
     _atomic_write(workdir / "leaderboard.md", "\n".join(lines) + "\n")
 
+    if not keys:  # a single trial without overrides: nothing to plot against
+        return
     import matplotlib
 
     matplotlib.use("Agg")

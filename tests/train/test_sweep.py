@@ -202,3 +202,9 @@ def test_summaries_accept_trials_that_set_different_keys(tmp_path):
     board = (tmp_path / "leaderboard.md").read_text().splitlines()
     assert board[2].startswith("| 1 | b |") and board[3] == "| 2 | a | flash |  | 0.5000 |"
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_summaries_of_trials_without_overrides_skip_the_plot(tmp_path):
+    write_outputs([{"trial": "base", "accuracy": 0.5}], [], tmp_path, "accuracy")
+    assert (tmp_path / "leaderboard.md").read_text().splitlines()[2] == "| 1 | base |  | 0.5000 |"
+    assert not (tmp_path / "sweep.png").exists()
