@@ -10,6 +10,7 @@ are computed per block from positions, never materialised at full size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from attn_jax.kernels.dot_product import validate_softmax_inputs
 __all__ = [
     "BlockLayout",
     "Canonical",
+    "attention_with_vjp",
     "block_visibility",
     "canonicalize",
     "kv_block_range",
@@ -74,6 +76,29 @@ class Canonical:
     batch_shape: tuple[int, ...]
     heads: int
     out_dtype: Any
+
+
+def attention_with_vjp(forward: Callable[..., Any], backward: Callable[..., Any]):
+    """``attend(layout, q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)`` with a
+    custom VJP that saves only the inputs, ``out`` and ``lse`` and calls
+    ``backward(layout, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, d_lse)
+    -> (dq, dk, dv, dbias)``; ``layout`` is static (hashable), masks and lengths get no
+    gradient."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def attend(layout, q, k, v, bias, mask, q_lengths, kv_lengths):
+        return forward(layout, q, k, v, bias, mask, q_lengths, kv_lengths)
+
+    def attend_fwd(layout, *inputs):
+        out, lse = forward(layout, *inputs)
+        return (out, lse), (*inputs, out, lse)
+
+    def attend_bwd(layout, residuals, cotangents):
+        dq, dk, dv, dbias = backward(layout, *residuals, *cotangents)
+        return dq, dk, dv, dbias, None, None, None
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend
 
 
 def zeros_like_inputs(shape: tuple[int, ...], *like: jax.Array | None, fill: float = 0.0):

@@ -9,7 +9,6 @@ Key blocks that causal or window masks hide entirely are never visited.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -150,26 +149,7 @@ def _backward(
     return dq, dk, dv, dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(layout, q, k, v, bias, mask, q_lengths, kv_lengths):
-    return _forward(layout, q, k, v, bias, mask, q_lengths, kv_lengths)
-
-
-def _flash_fwd(layout, q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _forward(layout, q, k, v, bias, mask, q_lengths, kv_lengths)
-    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
-
-
-def _flash_bwd(layout, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
-    d_out, d_lse = cotangents
-    dq, dk, dv, dbias = _backward(
-        layout, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, d_lse
-    )
-    return dq, dk, dv, dbias, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = blockwise.attention_with_vjp(_forward, _backward)
 
 
 @register(

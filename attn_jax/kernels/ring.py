@@ -276,26 +276,7 @@ def _backward(
     return dq, dk, dv, dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(layout, q, k, v, bias, mask, q_lengths, kv_lengths):
-    return _forward(layout, q, k, v, bias, mask, q_lengths, kv_lengths)
-
-
-def _ring_fwd(layout, q, k, v, bias, mask, q_lengths, kv_lengths):
-    out, lse = _forward(layout, q, k, v, bias, mask, q_lengths, kv_lengths)
-    return (out, lse), (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse)
-
-
-def _ring_bwd(layout, residuals, cotangents):
-    q, k, v, bias, mask, q_lengths, kv_lengths, out, lse = residuals
-    d_out, d_lse = cotangents
-    dq, dk, dv, dbias = _backward(
-        layout, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, d_lse
-    )
-    return dq, dk, dv, dbias, None, None, None
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
+_ring = blockwise.attention_with_vjp(_forward, _backward)
 
 
 def _inside_mapped_computation() -> bool:
