@@ -147,6 +147,7 @@ def test_bucket_metrics_split_exact_match_and_bleu_by_length():
         ("scan_rnn", "model.attention", "flash", "config.model.attention: 'flash' returns no"),
         ("scan_rnn", "data.num_test", 5_000, "config.data.num_test"),
         ("numbers_rnn", "data.max_digits", 13, "config.data.max_digits"),
+        ("numbers_rnn", "data.max_digits", 1, "config.data.num_train \\+ num_valid"),
         ("numbers_transformer", "data.length_buckets", [8, 4], "config.data.length_buckets"),
         ("listops", "data.max_depth", 0, "config.data.max_depth"),
         ("digits_vit", "model.patch_size", 3, "config.model.patch_size"),

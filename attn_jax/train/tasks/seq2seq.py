@@ -358,8 +358,9 @@ def _number_data(config: ml_collections.ConfigDict) -> _Data:
             data.max_digits,
             config.seed,
         )
-    except ValueError as error:
-        raise ValueError(f"config.data.{error}") from None
+    except ValueError as error:  # "max_digits: ..." or "sizes: ..." (the three sizes)
+        key = str(error).replace("sizes:", "num_train + num_valid + num_test:", 1)
+        raise ValueError(f"config.data.{key}") from None
     as_pairs = lambda items: [(p.source, p.target) for p in items]
     return _Data(
         train=as_pairs(splits["train"]),
