@@ -11,8 +11,8 @@ runs every registered kernel on a small problem::
     python launch.py --config=configs/mqar.py --config.model.attention=dot_product
     python launch.py --config=configs/mqar.py --sweep --sweep_parallel=2
     python launch.py --config=configs/scan_rnn.py:quick --config.data.split=length
-    python launch.py --config=configs/mqar.py --config.model.attention=ring \
-        --config.train.sequence_parallel=4        # the sequence split over 4 devices
+    python launch.py --config=configs/mqar.py --config.train.sequence_parallel=4
+                                              # each sequence split over 4 devices (ring)
     python launch.py --config=configs/kernel_demo.py --config.kernels=dot_product,additive
 
 Training configs write ``final_metrics.json`` (the task's full evaluation) and

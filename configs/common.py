@@ -22,8 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps = 1000
     config.train.batch_size = 64  # global, split over the devices
     config.train.num_devices = 0  # 0 = every local device
-    # > 1: split each sequence over this many devices (ring attention; decoder LM tasks,
-    # config.model.attention = "ring"); the rest of the devices split the batch.
+    # > 1: split each sequence over this many devices, with ring attention in every layer
+    # (decoder LM tasks, one process); the rest of the devices split the batch.
     config.train.sequence_parallel = 1
     config.train.log_every = 50
     config.train.eval_every = 250

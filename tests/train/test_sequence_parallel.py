@@ -29,7 +29,7 @@ def _config(**overrides):
     return config
 
 
-SHARDED = {"train.sequence_parallel": 4, "model.attention": "ring"}
+SHARDED = {"train.sequence_parallel": 4}  # ring attention in every layer; dot_product evaluates
 
 
 def test_sharded_loss_and_gradients_equal_the_unsharded_ones():
@@ -84,7 +84,11 @@ def test_training_with_the_sequence_split_over_four_devices_matches_one_device(t
     "overrides, match",
     [
         ({"train.sequence_parallel": 3, "model.attention": "ring"}, "3 does not divide the 8"),
-        ({"train.sequence_parallel": 4}, "config.model.attention: sequence parallelism"),
+        (
+            {"train.sequence_parallel": 4, "model.attention": "linear"},
+            "config.model.attention: sequence parallelism .* 'linear' is approximate",
+        ),
+        ({"train.sequence_parallel": 4, "model.attention": "flash"}, None),
         ({"train.sequence_parallel": 0}, "expected an integer >= 1"),
         (
             {"train.sequence_parallel": 8, "model.attention": "ring", "train.batch_size": 4},
@@ -98,8 +102,8 @@ def test_training_with_the_sequence_split_over_four_devices_matches_one_device(t
 )
 def test_sequence_parallel_settings_are_checked(overrides, match):
     config = _config(**overrides)
-    if match is None:
-        validate_train_config(config, 8)  # 8-way sequence split: the batch needs no split
+    if match is None:  # e.g. an 8-way sequence split: the batch needs no split
+        validate_train_config(config, 8)
         return
     with pytest.raises(ConfigError, match=match):
         validate_train_config(config, 8)

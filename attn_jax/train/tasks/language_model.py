@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from attn_jax import models
+from attn_jax import kernels, models
 from attn_jax.data.batching import ArrayDataset
 from attn_jax.data.copy_tasks import (
     SEP,
@@ -126,10 +126,11 @@ def _sequence_parallel_degree(config: ml_collections.ConfigDict, length: int) ->
                 f"config.train.sequence_parallel: {degree} does not divide the sequence "
                 f"length {length}"
             )
-        if config.model.attention != "ring":
+        if not kernels.capabilities(config.model.attention).exact:
             raise ValueError(
                 "config.model.attention: sequence parallelism (config.train."
-                f"sequence_parallel={degree}) needs 'ring', got {config.model.attention!r}"
+                f"sequence_parallel={degree}) trains with ring attention, which computes "
+                f"exact softmax attention; {config.model.attention!r} is approximate"
             )
     return degree
 
@@ -146,8 +147,9 @@ def _with_labels(arrays: Arrays) -> Arrays:
 
 def _sequence_parallel_loss(model: models.TransformerLM) -> SequenceParallelLoss:
     """Per-token cross-entropy on this device's ``[batch / data, length / seq]`` shard of
-    ``inputs`` / ``labels``, with ring attention across the ``seq`` axis and positions
-    offset by the shard's place in the sequence."""
+    ``inputs`` / ``labels``, with ring attention across the ``seq`` axis in every layer
+    and positions offset by the shard's place in the sequence. (``model``'s own exact
+    kernel, which computes the same function, serves evaluation and decoding.)"""
     options = model.options
     kwargs = {**(options.attention_kwargs or {}), "axis_name": SEQ_AXIS, "ordering": "contiguous"}
     sharded = model.clone(
