@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     # > 1: split each sequence over this many devices, with ring attention in every layer
     # (decoder LM tasks, one process); the rest of the devices split the batch.
     config.train.sequence_parallel = 1
+    config.train.sequence_ordering = "striped"  # or "contiguous" (see attn_jax.kernels.ring)
     config.train.log_every = 50
     config.train.eval_every = 250
     config.train.checkpoint_every = 250

@@ -41,7 +41,7 @@ from attn_jax.kernels import blockwise, checks
 from attn_jax.kernels.blockwise import MASK_VALUE, BlockLayout, zeros_like_inputs
 from attn_jax.kernels.registry import Capabilities, register
 
-__all__ = ["ORDERINGS", "ring_attention"]
+__all__ = ["ORDERINGS", "ring_attention", "shard_positions"]
 
 ORDERINGS = ("contiguous", "striped")
 RING_AXIS = "ring"
@@ -67,10 +67,7 @@ class RingLayout:
     def positions(self, shard: jax.Array, start: jax.Array, size: int, rows: int) -> jax.Array:
         """Sequence positions ``[size]`` of rows ``start..start + size`` of shard ``shard``
         (``rows`` rows per shard)."""
-        local = start + jnp.arange(size)
-        if self.ordering == "striped":
-            return local * self.num_devices + shard
-        return shard * rows + local
+        return shard_positions(self.ordering, shard, rows, self.num_devices, start, size)
 
     def may_see(self, i: jax.Array, j: jax.Array) -> jax.Array:
         """False when no query position in ``i`` can see any key position in ``j`` (both
@@ -83,6 +80,22 @@ class RingLayout:
             left, right = b.window
             ok &= (j[0] <= i[-1] + b.offset + right) & (j[-1] >= i[0] + b.offset - left)
         return ok
+
+
+def shard_positions(
+    ordering: str,
+    shard: jax.Array,
+    rows: int,
+    devices: int,
+    start: jax.Array | int = 0,
+    size: int | None = None,
+) -> jax.Array:
+    """Sequence positions of rows ``start..start + size`` (default: all ``rows``) of device
+    ``shard``'s part of a sequence split over ``devices`` in ``ordering``."""
+    local = start + jnp.arange(rows if size is None else size)
+    if ordering == "striped":
+        return local * devices + shard
+    return shard * rows + local
 
 
 def _rotate(layout: RingLayout, *xs: jax.Array) -> tuple[jax.Array, ...]:

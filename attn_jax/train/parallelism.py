@@ -124,6 +124,8 @@ class SequenceParallel:
         grid = np.asarray(devices).reshape(len(devices) // seq_devices, seq_devices)
         self.mesh = Mesh(grid, (DATA_AXIS, SEQ_AXIS))
         self._sequence_keys = spec.sequence_keys
+        self._striped = spec.ordering == "striped"
+        self._seq_devices = seq_devices
         loss_fn = spec.loss_fn
 
         def train_step(state: TrainState, batch):
@@ -166,10 +168,22 @@ class SequenceParallel:
     def host(self, tree: Any) -> Any:
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
 
+    def order_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Striped ordering: sequence columns dealt round-robin, so that device ``d``'s
+        contiguous shard holds positions ``d, d + P, d + 2P, ...``."""
+        if not self._striped:
+            return batch
+        out = dict(batch)
+        for key in self._sequence_keys:
+            length = batch[key].shape[1]
+            order = np.arange(length).reshape(-1, self._seq_devices).T.reshape(-1)
+            out[key] = batch[key][:, order]
+        return out
+
     def train(self, state: TrainState, batch: dict[str, np.ndarray]):
-        state, metrics = self._train(state, batch)
+        state, metrics = self._train(state, self.order_batch(batch))
         return state, self.host(metrics)
 
     def evaluate(self, state: TrainState, dataset: ArrayDataset, batch_size: int):
-        step = lambda params, batch: self.host(self._eval(params, batch))
+        step = lambda params, batch: self.host(self._eval(params, self.order_batch(batch)))
         return _mean_metrics(step, state.params, dataset, batch_size)

@@ -32,9 +32,10 @@ def _config(**overrides):
 SHARDED = {"train.sequence_parallel": 4}  # ring attention in every layer; dot_product evaluates
 
 
-def test_sharded_loss_and_gradients_equal_the_unsharded_ones():
+@pytest.mark.parametrize("ordering", ["striped", "contiguous"])
+def test_sharded_loss_and_gradients_equal_the_unsharded_ones(ordering):
     reference = build_task(_config(**{"model.attention": "dot_product"}))
-    sharded = build_task(_config(**SHARDED))
+    sharded = build_task(_config(**SHARDED, **{"train.sequence_ordering": ordering}))
     params = init_params(reference, jax.random.key(0))
     batch = reference.train.batch(0, 16)  # positions / answers
     sharded_batch = sharded.train.batch(0, 16)  # the same examples as per-token labels
@@ -54,7 +55,7 @@ def test_sharded_loss_and_gradients_equal_the_unsharded_ones():
         return metrics, grads
 
     mapped = jax.jit(strategy.mapped(metrics_and_grads, 2))
-    sharded_metrics, sharded_grads = mapped(params, sharded_batch)
+    sharded_metrics, sharded_grads = mapped(params, strategy.order_batch(sharded_batch))
     np.testing.assert_allclose(sharded_metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(sharded_metrics["accuracy"], metrics["accuracy"], atol=1e-6)
     for a, b in zip(jax.tree.leaves(sharded_grads), jax.tree.leaves(grads), strict=True):
@@ -90,6 +91,10 @@ def test_training_with_the_sequence_split_over_four_devices_matches_one_device(t
         ),
         ({"train.sequence_parallel": 4, "model.attention": "flash"}, None),
         ({"train.sequence_parallel": 0}, "expected an integer >= 1"),
+        (
+            {"train.sequence_parallel": 2, "train.sequence_ordering": "zigzag"},
+            "config.train.sequence_ordering: expected one of",
+        ),
         (
             {"train.sequence_parallel": 8, "model.attention": "ring", "train.batch_size": 4},
             None,

@@ -46,10 +46,13 @@ class SequenceParallelLoss:
         device's share of the global loss (normalised by the global count, so the summed
         gradients are the global gradient) and global metrics.
       sequence_keys: the batch arrays split along their second (sequence) axis too.
+      ordering: how positions are dealt to the devices, ``"contiguous"`` or ``"striped"``
+        (device ``d`` of ``P`` holds positions ``d, d + P, ...``: balanced causal work).
     """
 
     loss_fn: LossFn
     sequence_keys: tuple[str, ...]
+    ordering: str = "contiguous"
 
 
 @dataclasses.dataclass

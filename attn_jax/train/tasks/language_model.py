@@ -33,6 +33,7 @@ from attn_jax.data.copy_tasks import (
 )
 from attn_jax.data.mqar import IGNORE, MQARConfig, make_mqar
 from attn_jax.data.vocab import SPECIALS
+from attn_jax.kernels.ring import ORDERINGS, shard_positions
 from attn_jax.train.tasks.base import (
     DATA_AXIS,
     SEQ_AXIS,
@@ -126,6 +127,11 @@ def _sequence_parallel_degree(config: ml_collections.ConfigDict, length: int) ->
                 f"config.train.sequence_parallel: {degree} does not divide the sequence "
                 f"length {length}"
             )
+        ordering = config.train.get("sequence_ordering", "striped")
+        if ordering not in ORDERINGS:
+            raise ValueError(
+                f"config.train.sequence_ordering: expected one of {ORDERINGS}, got {ordering!r}"
+            )
         if not kernels.capabilities(config.model.attention).exact:
             raise ValueError(
                 "config.model.attention: sequence parallelism (config.train."
@@ -145,13 +151,13 @@ def _with_labels(arrays: Arrays) -> Arrays:
     return {"inputs": arrays["inputs"], "labels": labels}
 
 
-def _sequence_parallel_loss(model: models.TransformerLM) -> SequenceParallelLoss:
+def _sequence_parallel_loss(model: models.TransformerLM, ordering: str) -> SequenceParallelLoss:
     """Per-token cross-entropy on this device's ``[batch / data, length / seq]`` shard of
     ``inputs`` / ``labels``, with ring attention across the ``seq`` axis in every layer
     and positions offset by the shard's place in the sequence. (``model``'s own exact
     kernel, which computes the same function, serves evaluation and decoding.)"""
     options = model.options
-    kwargs = {**(options.attention_kwargs or {}), "axis_name": SEQ_AXIS, "ordering": "contiguous"}
+    kwargs = {**(options.attention_kwargs or {}), "axis_name": SEQ_AXIS, "ordering": ordering}
     sharded = model.clone(
         options=dataclasses.replace(options, attention="ring", attention_kwargs=kwargs)
     )
@@ -159,8 +165,8 @@ def _sequence_parallel_loss(model: models.TransformerLM) -> SequenceParallelLoss
 
     def loss_fn(params, batch, rng, deterministic):
         inputs, labels = batch["inputs"], batch["labels"]
-        size = inputs.shape[1]
-        positions = jax.lax.axis_index(SEQ_AXIS) * size + jnp.arange(size)[None, :]
+        me, devices = jax.lax.axis_index(SEQ_AXIS), jax.lax.axis_size(SEQ_AXIS)
+        positions = shard_positions(ordering, me, inputs.shape[1], devices)[None, :]
         logits = sharded.apply(
             {"params": params},
             inputs,
@@ -182,7 +188,7 @@ def _sequence_parallel_loss(model: models.TransformerLM) -> SequenceParallelLoss
         }
         return ce.sum() / count, metrics
 
-    return SequenceParallelLoss(loss_fn, ("inputs", "labels"))
+    return SequenceParallelLoss(loss_fn, ("inputs", "labels"), ordering)
 
 
 def _lm_task(
@@ -197,7 +203,8 @@ def _lm_task(
     sequence_parallel = None
     if _sequence_parallel_degree(config, train["inputs"].shape[1]) > 1:
         train, eval_ = _with_labels(train), _with_labels(eval_)
-        sequence_parallel = _sequence_parallel_loss(model)
+        ordering = config.train.get("sequence_ordering", "striped")
+        sequence_parallel = _sequence_parallel_loss(model, ordering)
     return Task(
         model=model,
         train=ArrayDataset(train, seed=config.seed),
