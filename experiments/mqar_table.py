@@ -56,7 +56,8 @@ def kernel_overrides(kernel: str, length: int) -> dict[str, Any]:
 
 def default_kernels() -> list[str]:
     """Every ``dot_product`` kernel; Pallas kernels only on GPU (on CPU they run in the
-    Pallas interpreter, far too slow to train with)."""
+    Pallas interpreter, far too slow to train with); ``ring`` only with several local
+    devices (on one it is a single-device blockwise kernel: ``flash``'s function)."""
     import jax
 
     from attn_jax import kernels
@@ -64,6 +65,8 @@ def default_kernels() -> list[str]:
     names = kernels.available(interface="dot_product")
     if jax.default_backend() != "gpu":
         names = [n for n in names if not n.startswith("pallas")]
+    if jax.local_device_count() == 1:
+        names = [n for n in names if n != "ring"]
     return names
 
 
