@@ -4,12 +4,12 @@ For each ring size P, the longest sequence N (a multiple of ``P * granule``) who
 forward + backward pass (gradients for query, key and value) fits a per-device memory
 budget, read from the compiled program (``memory_analysis()``: scratch + arguments +
 outputs of one device; nothing is run); and the per-device scratch for a list of lengths.
-``jax.nn.dot_product_attention`` on one device gives the reference point. Devices are
-simulated on CPU (``--xla_force_host_platform_device_count``, set here before jax loads)
-unless the machine has them. Writes ``bench_ring.json``, ``bench_ring.md`` and
-``bench_ring.png``::
+``jax.nn.dot_product_attention`` on one device gives the reference point. The devices are
+8 simulated CPU devices (set here before jax loads) unless ``JAX_PLATFORMS`` names another
+platform, e.g. ``JAX_PLATFORMS=cuda`` on a machine with several GPUs. Writes
+``bench_ring.json``, ``bench_ring.md`` and ``bench_ring.png``::
 
-    python experiments/bench_ring.py                       # about two minutes on 2 cores
+    python experiments/bench_ring.py                       # one to two minutes, 2 cores
     python experiments/bench_ring.py --budget_mib=1024 --devices=1,8
 """
 
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+if not os.environ.get("JAX_PLATFORMS"):  # simulated devices: memory figures, not speed
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        ).strip()
 
 import json
 import pathlib

@@ -21,6 +21,8 @@ from typing import Any
 
 from absl import app, flags
 
+from attn_jax.data import scan
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments.reporting import (
     load_config,
@@ -33,7 +35,7 @@ from experiments.reporting import (
     write_outputs,
 )
 
-SPLITS = ("simple", "length", "addprim_jump")
+SPLITS = scan.SPLITS
 # name -> (config file, overrides)
 MODELS = {
     "lstm_additive": ("scan_rnn", {"model.attention": "additive"}),
@@ -41,8 +43,7 @@ MODELS = {
     "lstm_none": ("scan_rnn", {"model.attention": "none"}),
     "transformer": ("scan_transformer", {}),
 }
-# Best test exact match (percent) of any model in Lake & Baroni (2018), per split.
-PUBLISHED = {"simple": 99.8, "length": 20.8, "addprim_jump": 1.2}
+PUBLISHED = scan.PUBLISHED_EXACT_MATCH  # best of Lake & Baroni (2018), percent
 
 
 def run(

@@ -177,8 +177,8 @@ def _forward(layout: RingLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
         pv = jnp.einsum("bhgqk,bhkd->bhgqd", p, v_t, precision=b.precision)
         return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
 
-    def ring_step(t, carry):
-        m, total, acc, k_blk, v_blk = carry
+    def compute(t, m, total, acc, k_blk, v_blk):
+        """Folds the key/value shard held at step ``t`` into the running softmax."""
         src = (me - t) % layout.num_devices
 
         def query_tile(iq, state):
@@ -198,7 +198,11 @@ def _forward(layout: RingLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
             update = lambda x, x_t: jax.lax.dynamic_update_slice_in_dim(x, x_t, q0, axis=3)
             return update(m, m_t), update(total, total_t), update(acc, acc_t)
 
-        m, total, acc = jax.lax.fori_loop(0, b.block_q // tq, query_tile, (m, total, acc))
+        return jax.lax.fori_loop(0, b.block_q // tq, query_tile, (m, total, acc))
+
+    def ring_step(t, carry):
+        m, total, acc, k_blk, v_blk = carry
+        m, total, acc = compute(t, m, total, acc, k_blk, v_blk)
         k_blk, v_blk = _rotate(layout, k_blk, v_blk)
         return m, total, acc, k_blk, v_blk
 
@@ -210,7 +214,9 @@ def _forward(layout: RingLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
         k,
         v,
     )
-    m, total, acc, _, _ = jax.lax.fori_loop(0, layout.num_devices, ring_step, init)
+    last = layout.num_devices - 1  # P - 1 hops: the last shard needs no sending on
+    m, total, acc, k_blk, v_blk = jax.lax.fori_loop(0, last, ring_step, init)
+    m, total, acc = compute(last, m, total, acc, k_blk, v_blk)
     seen = total > 0
     safe = jnp.where(seen, total, 1.0)
     return acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), 0.0)
@@ -248,8 +254,8 @@ def _backward(
             dbias = jax.lax.dynamic_update_slice(dbias, ds, (0, 0, 0, tile.q0, column))
         return dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk
 
-    def ring_step(t, carry):
-        dq, dbias, k_blk, v_blk, dk_blk, dv_blk = carry
+    def compute(t, dq, dbias, k_blk, v_blk, dk_blk, dv_blk):
+        """Adds the gradients of the key/value shard held at step ``t``."""
         src = (me - t) % layout.num_devices
 
         def query_tile(iq, state):
@@ -271,9 +277,12 @@ def _backward(
             return dq, dbias, k_blk, v_blk, dk_blk, dv_blk
 
         state = (dq, dbias, k_blk, v_blk, dk_blk, dv_blk)
-        dq, dbias, k_blk, v_blk, dk_blk, dv_blk = jax.lax.fori_loop(
-            0, b.block_q // tq, query_tile, state
-        )
+        dq, dbias, _, _, dk_blk, dv_blk = jax.lax.fori_loop(0, b.block_q // tq, query_tile, state)
+        return dq, dbias, dk_blk, dv_blk
+
+    def ring_step(t, carry):
+        dq, dbias, k_blk, v_blk, dk_blk, dv_blk = carry
+        dq, dbias, dk_blk, dv_blk = compute(t, dq, dbias, k_blk, v_blk, dk_blk, dv_blk)
         k_blk, v_blk, dk_blk, dv_blk = _rotate(layout, k_blk, v_blk, dk_blk, dv_blk)
         return dq, dbias, k_blk, v_blk, dk_blk, dv_blk
 
@@ -285,7 +294,10 @@ def _backward(
         zeros_like_inputs(k.shape, *inputs),
         zeros_like_inputs(v.shape, *inputs),
     )
-    dq, dbias, _, _, dk, dv = jax.lax.fori_loop(0, layout.num_devices, ring_step, init)
+    last = layout.num_devices - 1
+    dq, dbias, k_blk, v_blk, dk, dv = jax.lax.fori_loop(0, last, ring_step, init)
+    dq, dbias, dk, dv = compute(last, dq, dbias, k_blk, v_blk, dk, dv)
+    dk, dv = _rotate(layout, dk, dv)  # the P-th hop brings the accumulators home
     return dq, dk, dv, dbias
 
 
@@ -358,8 +370,9 @@ def ring_attention(
       value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
       bias, mask: dense arrays broadcastable to ``[batch..., heads, q_len, kv_len]``; each
         device keeps its rows (whole arrays only, not with ``axis_name``).
-      num_devices / devices: the ring (whole arrays): the first ``num_devices`` devices,
-        or ``devices``; default every device (one inside another ``pmap``/``shard_map``).
+      num_devices / devices: the ring (whole arrays): the first ``num_devices`` local
+        devices, or ``devices``; default every local device (one inside another
+        ``pmap``/``shard_map``).
       axis_name: run inside your ``shard_map``/``pmap`` over this axis: the arrays are
         this device's sequence shards, all of one length, and so is the output; lengths
         (``*_seq_lengths``) stay global.
@@ -457,16 +470,24 @@ def ring_attention(
 
 
 def _shard_and_tile(length: int, devices: int, block: int) -> tuple[int, int]:
-    """``(shard, tile)``: a shard of at least ``ceil(length / devices)`` rows, a whole
-    number of tiles of at most ``block`` rows."""
+    """``(shard, tile)``: a shard of at least ``ceil(length / devices)`` rows made of whole
+    tiles of at most ``block`` rows, as even as possible (padding < one row per tile)."""
     shard = max(1, -(-length // devices))
-    tile = min(block, shard)
-    return -(-shard // tile) * tile, tile
+    tiles = -(-shard // block)
+    tile = -(-shard // tiles)
+    return tiles * tile, tile
 
 
-def _divisor_tile(shard: int, block: int) -> int:
-    """The largest divisor of ``shard`` that is at most ``block``."""
-    return max(d for d in range(1, min(shard, block) + 1) if shard % d == 0)
+def _divisor_tile(shard: int, block: int, name: str) -> int:
+    """The largest divisor of ``shard`` (a caller's shard length) that is at most
+    ``block``; one far smaller than both would make the tile loop crawl, so it raises."""
+    tile = max(d for d in range(1, min(shard, block) + 1) if shard % d == 0)
+    if tile < min(shard, block) // 8:
+        raise ValueError(
+            f"ring: the local shard length {shard} has no divisor near argument '{name}' "
+            f"({block}); pass a '{name}' that divides it, or pad the sequence"
+        )
+    return tile
 
 
 def _ring_devices(num_devices: int | None, devices: Sequence[jax.Device] | None) -> list:
@@ -475,9 +496,9 @@ def _ring_devices(num_devices: int | None, devices: Sequence[jax.Device] | None)
     if devices is not None:
         ring = list(devices)
     elif num_devices is None and _inside_mapped_computation():
-        ring = jax.devices()[:1]
+        ring = jax.local_devices()[:1]
     else:
-        available = jax.devices()
+        available = jax.local_devices()
         wanted = len(available) if num_devices is None else num_devices
         if not isinstance(wanted, int) or not 1 <= wanted <= len(available):
             raise ValueError(
@@ -537,7 +558,7 @@ def _ring_on_shards(
     whole = dataclasses.replace(
         c.layout, q_len=n * q_shard, kv_len=n * kv_shard, num_q_blocks=n, num_k_blocks=n
     )
-    tiles = _divisor_tile(q_shard, block_q), _divisor_tile(kv_shard, block_k)
+    tiles = _divisor_tile(q_shard, block_q, "block_q"), _divisor_tile(kv_shard, block_k, "block_k")
     layout = RingLayout(whole, n, ordering, axis_name, *tiles)
     out, lse = _ring(layout, c.query, c.key, c.value, None, None, c.q_lengths, c.kv_lengths)
     result = blockwise.restore(out, c)

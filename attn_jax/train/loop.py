@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from attn_jax.train.checkpoints import Checkpoints
 from attn_jax.train.metrics import PLOT_LOCK, MetricsWriter, plot_learning_curve
@@ -187,6 +188,8 @@ def train_and_evaluate(
     final: dict[str, Any] = {}
     if writer_process and not interrupted:
         final = _final_evaluation(task, strategy.host(pstate.params), workdir, label)
+    if jax.process_count() > 1:  # the others wait for process 0's evaluation and plots
+        multihost_utils.sync_global_devices("attn_jax: final evaluation done")
     return {
         "step": step,
         "eval": eval_metrics,

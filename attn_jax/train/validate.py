@@ -25,9 +25,6 @@ def _positive(config: ml_collections.ConfigDict, path: str, *, allow_zero: bool 
         raise ConfigError(f"config.{path}: expected a number {bound}, got {node!r}")
 
 
-SEQUENCE_PARALLEL_TASKS = ("mqar", "copy", "induction")
-
-
 def _sequence_parallel(config: ml_collections.ConfigDict, devices: int, processes: int) -> int:
     """``config.train.sequence_parallel`` checked against the devices and the task."""
     seq = config.train.get("sequence_parallel", 1)
@@ -44,10 +41,11 @@ def _sequence_parallel(config: ml_collections.ConfigDict, devices: int, processe
         raise ConfigError(
             f"config.train.sequence_parallel: {seq} does not divide the {devices} devices"
         )
-    if config.data.name not in SEQUENCE_PARALLEL_TASKS:
+    if not TASKS[config.data.name].sequence_parallel:
+        supported = sorted(name for name, task in TASKS.items() if task.sequence_parallel)
         raise ConfigError(
             f"config.train.sequence_parallel: task {config.data.name!r} has no sequence-"
-            f"parallel loss; decoder LM tasks do: {', '.join(SEQUENCE_PARALLEL_TASKS)}"
+            f"parallel loss; decoder LM tasks do: {', '.join(supported)}"
         )
     return seq
 

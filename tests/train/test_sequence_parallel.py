@@ -112,3 +112,12 @@ def test_sequence_parallel_settings_are_checked(overrides, match):
         return
     with pytest.raises(ConfigError, match=match):
         validate_train_config(config, 8)
+
+
+def test_tasks_without_a_sequence_parallel_loss_are_refused():
+    from configs import scan_rnn
+
+    config = scan_rnn.get_config("quick")
+    config.train.sequence_parallel = 2
+    with pytest.raises(ConfigError, match=r"task 'scan' has no sequence-parallel loss; .* mqar"):
+        validate_train_config(config, 8)

@@ -92,12 +92,13 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class TaskDefinition:
-    """A registered task: ``validate(config)`` is cheap (no data is generated) and raises
-    ``ValueError`` naming the config key (its return value is ignored); ``build(config)``
-    makes the :class:`Task`."""
+    """A registered task: ``validate(config)`` raises ``ValueError`` naming the config key
+    (its return value is ignored; it may generate the data, which takes under a second);
+    ``build(config)`` makes the :class:`Task`."""
 
     build: Callable[[ml_collections.ConfigDict], Task]
     validate: Callable[[ml_collections.ConfigDict], Any]
+    sequence_parallel: bool = False  # supports config.train.sequence_parallel > 1
 
 
 def check_fields(

@@ -169,7 +169,10 @@ def _build_listops(config: ml_collections.ConfigDict) -> Task:
     data = config.data
 
     def arrays(count: int, seed: int) -> Arrays:
-        expressions, labels = listops.make_listops(spec, count, seed)
+        try:
+            expressions, labels = listops.make_listops(spec, count, seed)
+        except ValueError as error:  # "data.min_length: ... too unlikely"
+            raise ValueError(f"config.{error}") from None
         return {"inputs": listops.encode(expressions, spec.max_length), "labels": labels}
 
     valid = arrays(data.num_valid, config.seed + 1)

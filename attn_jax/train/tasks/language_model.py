@@ -49,6 +49,8 @@ from attn_jax.train.tasks.plots import plot_layers, sowed_attention, weights_mod
 __all__ = ["TASKS"]
 
 Arrays = dict[str, np.ndarray]
+# config.model.attention_kwargs that ring attention honours in sequence-parallel training.
+RING_KWARGS = ("local_window_size", "scale", "precision")
 
 
 def _forward(model: models.TransformerLM, params, batch, rng, deterministic):
@@ -132,6 +134,17 @@ def _sequence_parallel_degree(config: ml_collections.ConfigDict, length: int) ->
             raise ValueError(
                 f"config.train.sequence_ordering: expected one of {ORDERINGS}, got {ordering!r}"
             )
+        extra = sorted(set(config.model.get("attention_kwargs") or {}) - set(RING_KWARGS))
+        if extra:
+            raise ValueError(
+                f"config.model.attention_kwargs: {extra} have no meaning for the ring "
+                f"attention that sequence parallelism trains with (it takes {RING_KWARGS})"
+            )
+        if config.model.get("attention_dropout_rate", 0.0):
+            raise ValueError(
+                "config.model.attention_dropout_rate: ring attention (sequence parallelism) "
+                "does no attention dropout; set it to 0"
+            )
         if not kernels.capabilities(config.model.attention).exact:
             raise ValueError(
                 "config.model.attention: sequence parallelism (config.train."
@@ -157,7 +170,8 @@ def _sequence_parallel_loss(model: models.TransformerLM, ordering: str) -> Seque
     and positions offset by the shard's place in the sequence. (``model``'s own exact
     kernel, which computes the same function, serves evaluation and decoding.)"""
     options = model.options
-    kwargs = {**(options.attention_kwargs or {}), "axis_name": SEQ_AXIS, "ordering": ordering}
+    kwargs = {k: v for k, v in (options.attention_kwargs or {}).items() if k in RING_KWARGS}
+    kwargs.update(axis_name=SEQ_AXIS, ordering=ordering)
     sharded = model.clone(
         options=dataclasses.replace(options, attention="ring", attention_kwargs=kwargs)
     )
@@ -343,7 +357,7 @@ def _build_induction(config: ml_collections.ConfigDict) -> Task:
 
 
 TASKS = {
-    "mqar": TaskDefinition(_build_mqar, _validate_mqar),
-    "copy": TaskDefinition(_build_copy, _copy_options),
-    "induction": TaskDefinition(_build_induction, _induction_options),
+    "mqar": TaskDefinition(_build_mqar, _validate_mqar, sequence_parallel=True),
+    "copy": TaskDefinition(_build_copy, _copy_options, sequence_parallel=True),
+    "induction": TaskDefinition(_build_induction, _induction_options, sequence_parallel=True),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from attn_jax import viz
+from attn_jax import kernels, viz
 from attn_jax.train.tasks.base import weights_kernel
 
 __all__ = ["plot_layers", "sowed_attention", "weights_model"]
@@ -19,7 +20,8 @@ __all__ = ["plot_layers", "sowed_attention", "weights_model"]
 
 def weights_model(model: nn.Module) -> nn.Module | None:
     """``model`` with a kernel that returns its weights (see :func:`weights_kernel`): the
-    same parameters and outputs; ``None`` when its kernel is approximate."""
+    same parameters and outputs (block sizes and other arguments the substitute does not
+    take are dropped); ``None`` when its kernel is approximate."""
     options = getattr(model, "options", None)
     if options is None:
         return model
@@ -28,7 +30,11 @@ def weights_model(model: nn.Module) -> nn.Module | None:
         return None
     if kernel == options.attention:
         return model
-    return model.clone(options=dataclasses.replace(options, attention=kernel))
+    accepted = inspect.signature(kernels.get(kernel)).parameters
+    kwargs = {k: v for k, v in (options.attention_kwargs or {}).items() if k in accepted}
+    return model.clone(
+        options=dataclasses.replace(options, attention=kernel, attention_kwargs=kwargs or None)
+    )
 
 
 def sowed_attention(
