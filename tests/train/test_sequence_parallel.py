@@ -96,6 +96,18 @@ def test_training_with_the_sequence_split_over_four_devices_matches_one_device(t
             "config.train.sequence_ordering: expected one of",
         ),
         (
+            {
+                "train.sequence_parallel": 2,
+                "model.attention": "flash",
+                "model.attention_kwargs": {"block_q": 16},
+            },
+            r"config.model.attention_kwargs: \['block_q'\] have no meaning for the ring",
+        ),
+        (
+            {"train.sequence_parallel": 2, "model.attention_dropout_rate": 0.1},
+            "config.model.attention_dropout_rate: ring attention",
+        ),
+        (
             {"train.sequence_parallel": 8, "model.attention": "ring", "train.batch_size": 4},
             None,
         ),

@@ -107,6 +107,16 @@ def test_kernels_without_weights_are_plotted_through_the_exact_reference(tmp_pat
         "example_0_layer_0_attention.png",
         "example_0_layer_1_attention.png",
     ]
+    windowed = build_task(
+        _quick(
+            "induction",
+            **{
+                "model.attention": "sliding_window",
+                "model.attention_kwargs": {"local_window_size": (4, 0), "block_size": 8},
+            },
+        )
+    )  # plotted through dot_product with the window, without sliding_window's block size
+    assert len(windowed.plot_examples(params, tmp_path / "windowed")) == 2
     approximate = build_task(_quick("induction", **{"model.attention": "linear"}))
     assert approximate.plot_examples(params, tmp_path / "linear") == []
     without_attention = build_task(_quick("numbers_rnn", **{"model.attention": "none"}))
