@@ -90,7 +90,13 @@ def feature_attention(
         den = jnp.einsum("...qhgf,...hf->...qhg", phi_q, norm, precision=precision)
     else:
         num, den = _causal(phi_q, phi_k, value, chunk_size, precision)
-    out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    # num / den with features as small as 1e-25 (FAVOR+ keys at head_dim 64): autodiff of a
+    # plain division squares den, which underflows to 0 and turns gradients into NaN.
+    # Dividing both by a constant copy of den leaves the value and the true gradient
+    # (-out / den for den) but never squares a small number.
+    safe = jnp.where(den > 0, den, 1.0)[..., None]
+    constant = jax.lax.stop_gradient(safe)
+    out = (num / constant) / (safe / constant)
     out = out.reshape(*batch_shape, q_len, heads, -1)
     if query_seq_lengths is not None:
         rows = jnp.arange(q_len) < jnp.asarray(query_seq_lengths)[..., None]

@@ -135,3 +135,23 @@ def test_causal_needs_equal_lengths():
     q, k, v = _qkv(q_len=4)
     with pytest.raises(ValueError, match="is_causal"):
         kernels.linear_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_gradients_at_a_model_head_dim_are_finite_and_right(causal):
+    """At head_dim 64 FAVOR+ key features reach 1e-25; a plain num / den then squares the
+    denominator into 0 in the backward pass (NaN gradients: a model could not train)."""
+    q, k, v = _qkv(seed=4, q_len=32, kv_len=32, heads=1, kv_heads=1, dim=64, scale=0.5)
+    fn = lambda q, k, v: kernels.performer_attention(
+        q, k, v, rng=jax.random.key(5), is_causal=causal
+    )
+    loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+    direction = [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate((q, k, v))]
+    eps = 1e-2
+    plus = loss(*(x + eps * d for x, d in zip((q, k, v), direction, strict=True)))
+    minus = loss(*(x - eps * d for x, d in zip((q, k, v), direction, strict=True)))
+    numeric = (plus - minus) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(grads, direction, strict=True))
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
