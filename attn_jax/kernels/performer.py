@@ -19,14 +19,39 @@ from attn_jax.kernels.registry import Capabilities, register
 __all__ = ["orthogonal_features", "performer_attention", "positive_features"]
 
 
+def _orthonormal_rows(matrices: jax.Array) -> jax.Array:
+    """Rows of ``[blocks, dim, dim]`` full-rank matrices made orthonormal by Gram-Schmidt,
+    each projection done twice ("twice is enough": orthogonal to float rounding).
+
+    Plain matmuls rather than ``jnp.linalg.qr``: on CPU that is a LAPACK custom call, and a
+    jitted Transformer calling it wedged XLA's thread pool on a later execution (no CPU use,
+    never returns; jax 0.10.2, 2-core host).
+    """
+    dim = matrices.shape[-1]
+    project = lambda basis, row: jnp.einsum(
+        "bj,bjd->bd",
+        jnp.einsum("bjd,bd->bj", basis, row, precision="highest"),
+        basis,
+        precision="highest",
+    )
+
+    def orthonormalise(i, rows):
+        earlier = jnp.where((jnp.arange(dim) < i)[:, None], rows, 0.0)
+        row = rows[:, i]
+        row = row - project(earlier, row)
+        row = row - project(earlier, row)
+        return rows.at[:, i].set(row / jnp.linalg.norm(row, axis=-1, keepdims=True))
+
+    return jax.lax.fori_loop(0, dim, orthonormalise, matrices)
+
+
 def orthogonal_features(rng: jax.Array, num_features: int, dim: int) -> jax.Array:
     """``[num_features, dim]`` Gaussian-like projections, orthogonal within each block of
     ``dim`` rows, rows rescaled to chi-distributed norms (FAVOR+'s ORF)."""
     blocks = -(-num_features // dim)
     block_rng, norm_rng = jax.random.split(rng)
     gaussian = jax.random.normal(block_rng, (blocks, dim, dim), jnp.float32)
-    q, _ = jnp.linalg.qr(gaussian)  # orthonormal columns per block
-    rows = jnp.swapaxes(q, -1, -2).reshape(blocks * dim, dim)[:num_features]
+    rows = _orthonormal_rows(gaussian).reshape(blocks * dim, dim)[:num_features]
     norms = jnp.linalg.norm(jax.random.normal(norm_rng, (num_features, dim)), axis=-1)
     return rows * norms[:, None]
 
