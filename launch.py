@@ -26,6 +26,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import jax
 from absl import app, flags, logging
@@ -114,7 +115,7 @@ def validate_kernel_demo(config: ConfigDict) -> list[str]:
     return names or kernels.available()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     """One clear line on stderr and exit code 2 (bad usage), before anything is written."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -240,13 +241,10 @@ def run_sweep_flags(config: ConfigDict, workdir: pathlib.Path) -> None:
 def _from_environment(name: str) -> int | None:
     """An integer from the environment variable ``name`` (unset: ``None``)."""
     value = os.environ.get(name)
-    if value is None:
-        return None
     try:
-        return int(value)
+        return None if value is None else int(value)
     except ValueError:
         _fail(f"environment variable {name}: expected an integer, got {value!r}")
-    raise AssertionError("unreachable")
 
 
 def init_distributed() -> None:

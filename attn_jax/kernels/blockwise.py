@@ -1,4 +1,4 @@
-"""Shared plumbing of the blockwise kernels (``flash``, ``chunked``).
+"""Shared plumbing of the blockwise kernels (``flash``, ``chunked``, ``ring``).
 
 They work on a canonical layout: queries ``[batch, kv_heads, groups, q_len, dim]`` (GQA:
 query head ``h = kv_head * groups + g``), keys/values ``[batch, kv_heads, kv_len, dim]``,
@@ -25,9 +25,13 @@ __all__ = [
     "BlockLayout",
     "Canonical",
     "attention_with_vjp",
+    "block_gradients",
+    "block_scores",
     "block_visibility",
     "canonicalize",
     "kv_block_range",
+    "online_softmax_result",
+    "online_softmax_update",
     "pad_to",
     "position_visibility",
     "zeros_like_inputs",
@@ -99,6 +103,47 @@ def attention_with_vjp(forward: Callable[..., Any], backward: Callable[..., Any]
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend
+
+
+def block_scores(layout: BlockLayout, q_blk, k_blk, bias_blk) -> jax.Array:
+    """Scaled scores ``[b, h, g, n, m]`` of queries ``[b, h, g, n, d]`` against keys
+    ``[b, h, m, d]``, plus the block's bias (or ``None``), in float32."""
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_blk, k_blk, precision=layout.precision)
+    s = s * jnp.float32(layout.scale)
+    return s if bias_blk is None else s + bias_blk
+
+
+def online_softmax_update(layout: BlockLayout, state, s, visible, v_blk):
+    """Folds one block of scores ``s [b, h, g, n, m]`` (where ``visible``) and its values
+    ``v_blk [b, h, m, dv]`` into the running ``(max [b, h, g, n], total, acc [.., dv])``."""
+    m, total, acc = state
+    s = jnp.where(visible, s, MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    pv = jnp.einsum("bhgqk,bhkd->bhgqd", p, v_blk, precision=layout.precision)
+    return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
+
+
+def online_softmax_result(m, total, acc) -> tuple[jax.Array, jax.Array]:
+    """``(out, lse)`` of a finished running softmax; rows that saw no key give 0 and 0."""
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    return acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), 0.0)
+
+
+def block_gradients(layout: BlockLayout, s, visible, q_blk, k_blk, v_blk, do_blk, lse, delta):
+    """One block's backward pass from its recomputed scores ``s [b, h, g, n, m]``:
+    ``(ds [b, h, g, n, m], dq [b, h, g, n, d], dk [b, h, m, d], dv [b, h, m, dv])``, where
+    ``lse`` and ``delta = sum(d_out * out) - d_lse`` are the query rows' ``[b, h, g, n]``."""
+    scale, precision = jnp.float32(layout.scale), layout.precision
+    p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0)
+    dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_blk, v_blk, precision=precision)
+    ds = p * (dp - delta[..., None])
+    dq = scale * jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_blk, precision=precision)
+    dk = scale * jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_blk, precision=precision)
+    dv = jnp.einsum("bhgqk,bhgqd->bhkd", p, do_blk, precision=precision)
+    return ds, dq, dk, dv
 
 
 def zeros_like_inputs(shape: tuple[int, ...], *like: jax.Array | None, fill: float = 0.0):

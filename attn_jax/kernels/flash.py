@@ -23,12 +23,6 @@ from attn_jax.kernels.registry import Capabilities, register
 __all__ = ["flash_attention"]
 
 
-def _scores(layout: BlockLayout, q_blk, k_blk, bias_blk):
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_blk, k_blk, precision=layout.precision)
-    s = s * jnp.float32(layout.scale)
-    return s if bias_blk is None else s + bias_blk
-
-
 def _key_block(x: jax.Array, index: Any, layout: BlockLayout) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, index * layout.block_k, layout.block_k, axis=2)
 
@@ -48,24 +42,16 @@ def _forward(layout: BlockLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
         lo, hi = blockwise.kv_block_range(layout, q0)
 
         def body(jk, carry):
-            m, total, acc = carry
             k0 = jk * layout.block_k
             bias_blk = blockwise.block_bias(
                 layout, q0, k0, blockwise.slice_block(bias, q0, k0, layout)
             )
-            s = _scores(layout, q_blk, _key_block(k, jk, layout), bias_blk)
+            s = blockwise.block_scores(layout, q_blk, _key_block(k, jk, layout), bias_blk)
             visible = blockwise.block_visibility(
                 layout, q0, k0, q_lengths, kv_lengths, blockwise.slice_block(mask, q0, k0, layout)
             )
-            s = jnp.where(visible, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
-            correction = jnp.exp(m - m_new)
-            total = total * correction + p.sum(-1)
-            pv = jnp.einsum(
-                "bhgqk,bhkd->bhgqd", p, _key_block(v, jk, layout), precision=layout.precision
-            )
-            return m_new, total, acc * correction[..., None] + pv
+            v_blk = _key_block(v, jk, layout)
+            return blockwise.online_softmax_update(layout, carry, s, visible, v_blk)
 
         stats = (batch, kv_heads, groups, layout.block_q)
         inputs = (q, k, v, bias, mask, q_lengths, kv_lengths)
@@ -74,12 +60,7 @@ def _forward(layout: BlockLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
             _zeros(stats, *inputs),
             _zeros((*stats, dv), *inputs),
         )
-        m, total, acc = jax.lax.fori_loop(lo, hi, body, init)
-        seen = total > 0
-        safe = jnp.where(seen, total, 1.0)
-        out = acc / safe[..., None]
-        lse = jnp.where(seen, m + jnp.log(safe), 0.0)
-        return out, lse
+        return blockwise.online_softmax_result(*jax.lax.fori_loop(lo, hi, body, init))
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(layout.num_q_blocks))
     # [nq, b, h, g, bq, ...] -> [b, h, g, nq * bq, ...]
@@ -93,7 +74,6 @@ def _backward(
 ):
     """Gradients for ``q, k, v, bias``: one pass over query blocks, recomputing weights."""
     delta = (d_out * out).sum(-1) - d_lse  # [b, h, g, q_pad]
-    scale = jnp.float32(layout.scale)
 
     def one_query_block(carry, iq):
         dk, dv, dbias = carry
@@ -111,18 +91,14 @@ def _backward(
             bias_blk = blockwise.block_bias(
                 layout, q0, k0, blockwise.slice_block(bias, q0, k0, layout)
             )
-            s = _scores(layout, q_blk, k_blk, bias_blk)
+            s = blockwise.block_scores(layout, q_blk, k_blk, bias_blk)
             visible = blockwise.block_visibility(
                 layout, q0, k0, q_lengths, kv_lengths, blockwise.slice_block(mask, q0, k0, layout)
             )
-            p = jnp.where(visible, jnp.exp(s - lse_blk[..., None]), 0.0)
-            dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_blk, v_blk, precision=layout.precision)
-            ds = p * (dp - delta_blk[..., None])
-            dq_blk = dq_blk + scale * jnp.einsum(
-                "bhgqk,bhkd->bhgqd", ds, k_blk, precision=layout.precision
+            ds, dq_part, dk_blk, dv_blk = blockwise.block_gradients(
+                layout, s, visible, q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk
             )
-            dk_blk = scale * jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_blk, precision=layout.precision)
-            dv_blk = jnp.einsum("bhgqk,bhgqd->bhkd", p, do_blk, precision=layout.precision)
+            dq_blk = dq_blk + dq_part
             dk = jax.lax.dynamic_update_slice_in_dim(
                 dk, _key_block(dk, jk, layout) + dk_blk, k0, axis=2
             )

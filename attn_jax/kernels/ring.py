@@ -144,15 +144,12 @@ def _tile_scores(layout: RingLayout, tile: _Tile, q_t, k_t, bias, mask, q_length
     """Scores ``[b, h, g, tile_q, tile_k]`` of one tile and their visibility; ``bias`` and
     ``mask`` are this device's rows ``[..., block_q, kv_total]``."""
     b = layout.block
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_t, k_t, precision=b.precision) * jnp.float32(b.scale)
     column = tile.src * b.block_k + tile.k0
 
     def cut(x):
         return _slice(_slice(x, tile.q0, layout.tile_q, -2), column, layout.tile_k, -1)
 
-    bias_t = cut(bias)
-    if bias_t is not None:
-        s = s + bias_t
+    s = blockwise.block_scores(b, q_t, k_t, cut(bias))
     visible = blockwise.position_visibility(
         b, tile.i[:, None], tile.j[None, :], q_lengths, kv_lengths, cut(mask)
     )
@@ -167,15 +164,9 @@ def _forward(layout: RingLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
     inputs = (q, k, v, bias, mask, q_lengths, kv_lengths)
 
     def key_tile(tile, q_t, k_blk, v_blk, state):
-        m, total, acc = state
         k_t, v_t = _slice(k_blk, tile.k0, tk, 2), _slice(v_blk, tile.k0, tk, 2)
         s, visible = _tile_scores(layout, tile, q_t, k_t, bias, mask, q_lengths, kv_lengths)
-        s = jnp.where(visible, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        pv = jnp.einsum("bhgqk,bhkd->bhgqd", p, v_t, precision=b.precision)
-        return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
+        return blockwise.online_softmax_update(b, state, s, visible, v_t)
 
     def compute(t, m, total, acc, k_blk, v_blk):
         """Folds the key/value shard held at step ``t`` into the running softmax."""
@@ -216,10 +207,7 @@ def _forward(layout: RingLayout, q, k, v, bias, mask, q_lengths, kv_lengths):
     )
     last = layout.num_devices - 1  # P - 1 hops: the last shard needs no sending on
     m, total, acc, k_blk, v_blk = jax.lax.fori_loop(0, last, ring_step, init)
-    m, total, acc = compute(last, m, total, acc, k_blk, v_blk)
-    seen = total > 0
-    safe = jnp.where(seen, total, 1.0)
-    return acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), 0.0)
+    return blockwise.online_softmax_result(*compute(last, m, total, acc, k_blk, v_blk))
 
 
 def _backward(
@@ -230,21 +218,18 @@ def _backward(
     me = _me(layout)
     b = layout.block
     tq, tk = layout.tile_q, layout.tile_k
-    scale = jnp.float32(b.scale)
     delta = (d_out * out).sum(-1) - d_lse  # [b, h, g, Sq]
     inputs = (q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, d_lse)
 
-    def key_tile(tile, rows, state):
+    def key_tile(tile, rows, k_blk, v_blk, state):
         q_t, do_t, lse_t, delta_t = rows
-        dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk = state
+        dq_t, dbias, dk_blk, dv_blk = state
         k_t, v_t = _slice(k_blk, tile.k0, tk, 2), _slice(v_blk, tile.k0, tk, 2)
         s, visible = _tile_scores(layout, tile, q_t, k_t, bias, mask, q_lengths, kv_lengths)
-        p = jnp.where(visible, jnp.exp(s - lse_t[..., None]), 0.0)
-        dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_t, v_t, precision=b.precision)
-        ds = p * (dp - delta_t[..., None])
-        dq_t = dq_t + scale * jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_t, precision=b.precision)
-        dk_t = scale * jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_t, precision=b.precision)
-        dv_t = jnp.einsum("bhgqk,bhgqd->bhkd", p, do_t, precision=b.precision)
+        ds, dq_part, dk_t, dv_t = blockwise.block_gradients(
+            b, s, visible, q_t, k_t, v_t, do_t, lse_t, delta_t
+        )
+        dq_t = dq_t + dq_part
         add = lambda x, x_t: jax.lax.dynamic_update_slice_in_dim(
             x, _slice(x, tile.k0, tk, 2) + x_t, tile.k0, axis=2
         )
@@ -252,33 +237,31 @@ def _backward(
         if dbias is not None:
             column = tile.src * b.block_k + tile.k0
             dbias = jax.lax.dynamic_update_slice(dbias, ds, (0, 0, 0, tile.q0, column))
-        return dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk
+        return dq_t, dbias, dk_blk, dv_blk
 
     def compute(t, dq, dbias, k_blk, v_blk, dk_blk, dv_blk):
         """Adds the gradients of the key/value shard held at step ``t``."""
         src = (me - t) % layout.num_devices
 
         def query_tile(iq, state):
-            dq, dbias, k_blk, v_blk, dk_blk, dv_blk = state
+            dq, dbias, dk_blk, dv_blk = state
             q0 = iq * tq
             rows = tuple(_slice(x, q0, tq, 3) for x in (q, d_out, lse, delta))
 
             def one(jk, st):
                 tile = _tile(layout, me, src, iq, jk)
-                skip = lambda tile, rows, st: st
-                return jax.lax.cond(layout.may_see(tile.i, tile.j), key_tile, skip, tile, rows, st)
+                skip = lambda tile, rows, k_blk, v_blk, st: st
+                return jax.lax.cond(
+                    layout.may_see(tile.i, tile.j), key_tile, skip, tile, rows, k_blk, v_blk, st
+                )
 
-            dq_t = _slice(dq, q0, tq, 3)
-            st = (dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk)
-            dq_t, dbias, k_blk, v_blk, dk_blk, dv_blk = jax.lax.fori_loop(
-                0, b.block_k // tk, one, st
-            )
+            st = (_slice(dq, q0, tq, 3), dbias, dk_blk, dv_blk)
+            dq_t, dbias, dk_blk, dv_blk = jax.lax.fori_loop(0, b.block_k // tk, one, st)
             dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_t, q0, axis=3)
-            return dq, dbias, k_blk, v_blk, dk_blk, dv_blk
+            return dq, dbias, dk_blk, dv_blk
 
-        state = (dq, dbias, k_blk, v_blk, dk_blk, dv_blk)
-        dq, dbias, _, _, dk_blk, dv_blk = jax.lax.fori_loop(0, b.block_q // tq, query_tile, state)
-        return dq, dbias, dk_blk, dv_blk
+        state = (dq, dbias, dk_blk, dv_blk)
+        return jax.lax.fori_loop(0, b.block_q // tq, query_tile, state)
 
     def ring_step(t, carry):
         dq, dbias, k_blk, v_blk, dk_blk, dv_blk = carry

@@ -11,6 +11,7 @@ import pytest
 
 from attn_jax.data.vocab import Vocabulary
 from attn_jax.train.loop import train_and_evaluate
+from attn_jax.train.sweep import apply_overrides
 from attn_jax.train.tasks import build_task, init_params
 from attn_jax.train.tasks.seq2seq import bleu, bucket_metrics, encode_pairs
 from attn_jax.train.validate import ConfigError, validate_train_config
@@ -51,15 +52,7 @@ SMOKE = {
 
 def _quick(name: str, **overrides):
     config = importlib.import_module(f"configs.{name}").get_config("quick")
-    small = {**SMOKE, **SMALL[name], **overrides}
-    for key, value in small.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        assert leaf in node, key
-        node[leaf] = value
-    return config
+    return apply_overrides(config, {**SMOKE, **SMALL[name], **overrides})
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

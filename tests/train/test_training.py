@@ -20,6 +20,7 @@ import pytest
 
 from attn_jax.train.checkpoints import Checkpoints
 from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
+from attn_jax.train.sweep import apply_overrides
 from attn_jax.train.validate import ConfigError, validate_train_config
 from configs import mqar
 
@@ -29,13 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def _quick(**overrides):
     config = mqar.get_config("quick")
     config.data.vocab_size = 256  # small embeddings: fast to compile and to checkpoint
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 def _losses(workdir, split="train"):

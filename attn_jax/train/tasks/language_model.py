@@ -120,16 +120,17 @@ def _plot_lm(model: models.TransformerLM, example: Arrays, labels: list[str], ti
     return plot
 
 
-def _sequence_parallel_degree(config: ml_collections.ConfigDict, length: int) -> int:
-    """``config.train.sequence_parallel`` (1 = off), checked against the task."""
+def _sequence_parallel_ordering(config: ml_collections.ConfigDict, length: int) -> str | None:
+    """``config.train.sequence_ordering`` when ``config.train.sequence_parallel > 1`` (else
+    ``None``), the settings checked against the task."""
     degree = config.train.get("sequence_parallel", 1)
+    ordering = config.train.get("sequence_ordering", "striped")
     if degree > 1:
         if length % degree:
             raise ValueError(
                 f"config.train.sequence_parallel: {degree} does not divide the sequence "
                 f"length {length}"
             )
-        ordering = config.train.get("sequence_ordering", "striped")
         if ordering not in ORDERINGS:
             raise ValueError(
                 f"config.train.sequence_ordering: expected one of {ORDERINGS}, got {ordering!r}"
@@ -151,7 +152,7 @@ def _sequence_parallel_degree(config: ml_collections.ConfigDict, length: int) ->
                 f"sequence_parallel={degree}) trains with ring attention, which computes "
                 f"exact softmax attention; {config.model.attention!r} is approximate"
             )
-    return degree
+    return ordering if degree > 1 else None
 
 
 def _with_labels(arrays: Arrays) -> Arrays:
@@ -215,9 +216,9 @@ def _lm_task(
 ) -> Task:
     example = {k: v[:1] for k, v in eval_.items()}
     sequence_parallel = None
-    if _sequence_parallel_degree(config, train["inputs"].shape[1]) > 1:
+    ordering = _sequence_parallel_ordering(config, train["inputs"].shape[1])
+    if ordering is not None:
         train, eval_ = _with_labels(train), _with_labels(eval_)
-        ordering = config.train.get("sequence_ordering", "striped")
         sequence_parallel = _sequence_parallel_loss(model, ordering)
     return Task(
         model=model,
@@ -254,7 +255,7 @@ def _mqar_spec(config: ml_collections.ConfigDict) -> MQARConfig:
 
 def _validate_mqar(config: ml_collections.ConfigDict) -> None:
     transformer_options(config.model, _mqar_spec(config).seq_len)
-    _sequence_parallel_degree(config, _mqar_spec(config).seq_len)
+    _sequence_parallel_ordering(config, _mqar_spec(config).seq_len)
 
 
 def _build_mqar(config: ml_collections.ConfigDict) -> Task:
@@ -311,7 +312,7 @@ def _copy_spec(config: ml_collections.ConfigDict) -> CopyConfig:
 
 def _copy_options(config: ml_collections.ConfigDict) -> models.TransformerOptions:
     longest = max([_copy_spec(config).max_len, *_eval_lengths(config)])
-    _sequence_parallel_degree(config, 2 * _copy_spec(config).max_len + 2)
+    _sequence_parallel_ordering(config, 2 * _copy_spec(config).max_len + 2)
     return transformer_options(config.model, 2 * longest + 2)
 
 
@@ -338,7 +339,7 @@ def _induction_spec(config: ml_collections.ConfigDict) -> InductionConfig:
 
 def _induction_options(config: ml_collections.ConfigDict) -> models.TransformerOptions:
     longest = max([_induction_spec(config).seq_len, *_eval_lengths(config)])
-    _sequence_parallel_degree(config, _induction_spec(config).seq_len)
+    _sequence_parallel_ordering(config, _induction_spec(config).seq_len)
     return transformer_options(config.model, longest)
 
 
