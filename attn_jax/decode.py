@@ -5,9 +5,12 @@ The searches are generic over a *step function* ``step_fn(state, tokens [batch])
 batch is reordered by beam search (scalars such as a cache index are left alone). The model
 helpers build the step function for each model:
 
-- :func:`generate` for :class:`~attn_jax.models.TransformerLM`: the prompt is prefilled
-  into the KV cache in one call, then one token per step.
-- :func:`translate` for :class:`~attn_jax.models.EncoderDecoder` (cached decoder) and
+- :func:`generate` for :class:`~attn_jax.models.TransformerLM`: the prompts (of one length
+  or, with ``prompt_lengths``, of several) are prefilled into the cache in one call, then
+  one token per step. Every registered ``dot_product`` kernel decodes, each from its own
+  cache (:mod:`attn_jax.models.kv_cache`).
+- :func:`translate` for :class:`~attn_jax.models.EncoderDecoder` (cached decoder; the
+  memory's cross-attention keys/values are computed once per source) and
   :class:`~attn_jax.models.Seq2SeqRNN` (recurrent state).
 
 Everything runs under ``jax.jit`` with ``lax.while_loop`` and stops early once every
@@ -272,6 +275,7 @@ def generate(
     prompt: jax.Array,
     *,
     max_new_tokens: int,
+    prompt_lengths: jax.Array | None = None,
     method: str = "greedy",
     eos_id: int | None = None,
     pad_id: int = 0,
@@ -283,8 +287,12 @@ def generate(
 ) -> jax.Array:
     """Continues ``prompt [batch, prompt_len]`` with a :class:`TransformerLM`.
 
-    The prompt (all but its last token) is prefilled into the KV cache in one call; the
+    The prompts (all but their last tokens) are prefilled into the cache in one call; the
     cache holds ``prompt_len + max_new_tokens`` positions.
+
+    Args:
+      prompt_lengths: ``[batch]`` lengths of right-padded prompts (default: all
+        ``prompt_len``); each sequence continues from the end of its own prompt.
 
     Returns:
       ``[batch, max_new_tokens]`` new tokens.
@@ -295,12 +303,22 @@ def generate(
         check_length(
             prompt_len + max_new_tokens, model.options.max_len, "prompt length + max_new_tokens"
         )
+    if prompt_lengths is None:
+        lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    else:
+        chex.assert_shape(prompt_lengths, (batch,))
+        lengths = jnp.clip(jnp.asarray(prompt_lengths, jnp.int32), 1, prompt_len)
     cache = init_cache(model, jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32))
     if prompt_len > 1:
         _, updated = model.apply(
-            {"params": params, "cache": cache}, prompt[:, :-1], decode=True, mutable=["cache"]
+            {"params": params, "cache": cache},
+            prompt[:, :-1],
+            lengths=None if prompt_lengths is None else lengths - 1,
+            decode=True,
+            mutable=["cache"],
         )
         cache = updated["cache"]
+    last = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
 
     def step(cache, tokens):
         logits, updated = model.apply(
@@ -311,7 +329,7 @@ def generate(
     return search(
         step,
         cache,
-        prompt[:, -1],
+        last,
         method=method,
         max_len=max_new_tokens,
         eos_id=eos_id,
@@ -364,23 +382,33 @@ def translate(
         carry = (state, encoded)
     elif isinstance(model, EncoderDecoder):
         memory, memory_mask = model.apply(variables, src, method=EncoderDecoder.encode)
+        # Creating the cache projects the memory into every cross-attention layer's
+        # keys/values, once per source; the steps read them (memory=None).
         dummy = jnp.zeros((src.shape[0], max_len), jnp.int32)
-        cache = init_cache(model, dummy, memory, memory_mask, method=EncoderDecoder.decode)
+        _, created = model.apply(
+            variables,
+            dummy,
+            memory,
+            memory_mask,
+            decode=True,
+            mutable=["cache"],
+            method=EncoderDecoder.decode,
+        )
 
         def step(carry, tokens):
-            cache, memory, memory_mask = carry
+            cache, memory_mask = carry
             logits, updated = model.apply(
                 {"params": params, "cache": cache},
                 tokens[:, None],
-                memory,
+                None,
                 memory_mask,
                 decode=True,
                 mutable=["cache"],
                 method=EncoderDecoder.decode,
             )
-            return logits[:, 0], (updated["cache"], memory, memory_mask)
+            return logits[:, 0], (updated["cache"], memory_mask)
 
-        carry = (cache, memory, memory_mask)
+        carry = (created["cache"], memory_mask)
     else:
         raise ValueError(f"translate: unsupported model type {type(model).__name__}")
     if isinstance(model, EncoderDecoder) and model.options.positions == "learned":

@@ -2,13 +2,18 @@
 
 Masks broadcast against attention logits ``[batch..., heads, q_len, kv_len]``. Positional
 masks (causal, window) are aligned **bottom-right**: query ``i`` of ``q_len`` sits at key
-position ``i + (kv_len - q_len)``, which is what decoding with a KV cache needs.
+position ``i + (kv_len - q_len)``, which is what decoding with a KV cache needs. They are
+the dense form of the kernels' visibility rule (:func:`attn_jax.kernels.visibility.visible`),
+for code that wants the arrays; the kernels themselves take the arguments
+(``is_causal``, ``local_window_size``, segment ids, ...) and never need them.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from attn_jax.kernels.visibility import Tokens, visible
 
 __all__ = [
     "causal_mask",
@@ -20,13 +25,16 @@ __all__ = [
 ]
 
 
-def _relative_positions(q_len: int, kv_len: int, offset: int | None) -> jax.Array:
-    """``[q_len, kv_len]`` int array ``j - (i + offset)``; offset defaults to bottom-right."""
+def _positional(
+    q_len: int, kv_len: int, offset: int | None, *, is_causal: bool, window=None
+) -> jax.Array:
+    """``[q_len, kv_len]``: the rule with query ``i`` at position ``i + offset`` (default
+    ``kv_len - q_len``: bottom-right) and key ``j`` at ``j``."""
     if offset is None:
         offset = kv_len - q_len
-    query_pos = jnp.arange(q_len)[:, None] + offset
-    key_pos = jnp.arange(kv_len)[None, :]
-    return key_pos - query_pos
+    q = Tokens(jnp.arange(q_len, dtype=jnp.int32) + offset)
+    k = Tokens(jnp.arange(kv_len, dtype=jnp.int32))
+    return visible(q, k, is_causal=is_causal, window=window)
 
 
 def causal_mask(q_len: int, kv_len: int | None = None, *, offset: int | None = None) -> jax.Array:
@@ -36,7 +44,7 @@ def causal_mask(q_len: int, kv_len: int | None = None, *, offset: int | None = N
     alignment); ``offset=0`` gives flax's top-left alignment.
     """
     kv_len = q_len if kv_len is None else kv_len
-    return _relative_positions(q_len, kv_len, offset) <= 0
+    return _positional(q_len, kv_len, offset, is_causal=True)
 
 
 def window_mask(
@@ -44,8 +52,7 @@ def window_mask(
 ) -> jax.Array:
     """``[q_len, kv_len]`` mask: query ``i`` sees keys ``i + offset - left <= j <= i + offset
     + right`` (bottom-right alignment by default, like :func:`causal_mask`)."""
-    rel = _relative_positions(q_len, kv_len, offset)
-    return (rel >= -left) & (rel <= right)
+    return _positional(q_len, kv_len, offset, is_causal=False, window=(left, right))
 
 
 def lengths_to_mask(lengths: jax.Array, max_len: int) -> jax.Array:
@@ -93,8 +100,9 @@ def segment_mask(
     """
     query_segment_ids = jnp.asarray(query_segment_ids)
     key_segment_ids = query_segment_ids if key_segment_ids is None else jnp.asarray(key_segment_ids)
-    same = query_segment_ids[..., :, None] == key_segment_ids[..., None, :]
-    return same[..., None, :, :]
+    q = Tokens(jnp.zeros_like(query_segment_ids), segment_ids=query_segment_ids)
+    k = Tokens(jnp.zeros_like(key_segment_ids), segment_ids=key_segment_ids)
+    return visible(q, k, is_causal=False, window=None)[..., None, :, :]
 
 
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from attn_jax import masks
-from attn_jax.kernels import checks, softmax_core
-from attn_jax.kernels import reference as ref
 
 SHAPES = [(1, 1), (3, 3), (2, 5), (5, 2), (4, 7), (7, 4)]
 
@@ -197,91 +192,3 @@ def test_combine_masks_broadcasts_and_ands():
 def test_combine_masks_casts_to_bool():
     got = _np(masks.combine_masks(jnp.array([0, 1, 2]), jnp.array([True, True, False])))
     np.testing.assert_array_equal(got, [False, True, False])
-
-
-# ---------------------------------------------------- build_mask vs reference (hypothesis)
-
-
-@st.composite
-def mask_problems(draw):
-    batch = draw(st.sampled_from([(), (2,), (2, 3)]))
-    heads = draw(st.integers(1, 2))
-    q_len, kv_len = draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    rng = np.random.RandomState(draw(st.integers(0, 2**31 - 1)))
-    user_mask = None
-    mask_kind = draw(st.sampled_from(["none", "full", "no_heads", "2d", "kv_only"]))
-    if mask_kind != "none":
-        shape = {
-            "full": (*batch, heads, q_len, kv_len),
-            "no_heads": (*batch, 1, q_len, kv_len),
-            "2d": (q_len, kv_len),
-            "kv_only": (kv_len,),
-        }[mask_kind]
-        user_mask = rng.rand(*shape) < draw(st.sampled_from([0.3, 0.8]))
-    window = draw(
-        st.one_of(
-            st.none(),
-            st.integers(0, 4),
-            st.tuples(st.integers(0, 4), st.integers(0, 4)),
-        )
-    )
-    q_lengths = rng.randint(0, q_len + 1, size=batch) if draw(st.booleans()) else None
-    kv_lengths = rng.randint(0, kv_len + 1, size=batch) if draw(st.booleans()) else None
-    return dict(
-        batch=batch,
-        heads=heads,
-        q_len=q_len,
-        kv_len=kv_len,
-        mask=user_mask,
-        is_causal=draw(st.booleans()),
-        window=window,
-        q_lengths=q_lengths,
-        kv_lengths=kv_lengths,
-    )
-
-
-# One small compiled program per problem shape: cheaper than compiling each eager op.
-_build_mask = jax.jit(
-    softmax_core.build_mask, static_argnames=("q_len", "kv_len", "is_causal", "local_window_size")
-)
-
-
-@settings(max_examples=100)
-@given(p=mask_problems())
-def test_build_mask_matches_reference_full_mask(p):
-    target = (*p["batch"], p["heads"], p["q_len"], p["kv_len"])
-    got = _build_mask(
-        None if p["mask"] is None else jnp.asarray(p["mask"]),
-        q_len=p["q_len"],
-        kv_len=p["kv_len"],
-        is_causal=p["is_causal"],
-        local_window_size=checks.normalize_window(p["window"]),
-        query_seq_lengths=None if p["q_lengths"] is None else jnp.asarray(p["q_lengths"]),
-        key_value_seq_lengths=None if p["kv_lengths"] is None else jnp.asarray(p["kv_lengths"]),
-    )
-    expected = ref.full_mask(
-        p["batch"],
-        p["heads"],
-        p["q_len"],
-        p["kv_len"],
-        mask=p["mask"],
-        is_causal=p["is_causal"],
-        local_window_size=p["window"],
-        query_seq_lengths=p["q_lengths"],
-        key_value_seq_lengths=p["kv_lengths"],
-    )
-    nothing = (
-        p["mask"] is None
-        and not p["is_causal"]
-        and p["window"] is None
-        and p["q_lengths"] is None
-        and p["kv_lengths"] is None
-    )
-    assert (got is None) == nothing, "None exactly when nothing is masked"
-    if got is None:
-        assert expected.all()
-        return
-    got = _np(got)
-    # Broadcastable to the logits without enlarging them.
-    assert np.broadcast_shapes(got.shape, target) == target, f"{got.shape} vs {target}"
-    np.testing.assert_array_equal(np.broadcast_to(got, target), expected)

@@ -1,14 +1,22 @@
-"""Attention kernels: pure functions with the ``jax.nn`` / ``flax`` layout, and a registry.
+"""Attention kernels: pure functions with the ``jax.nn`` / ``flax`` layout, one front end,
+one visibility model, and a registry.
 
 Layout: ``query [batch..., q_len, heads, head_dim]``, ``key/value [batch..., kv_len,
 kv_heads, head_dim]``; boolean masks (True = attend) and additive biases broadcast to
-``[batch..., heads, q_len, kv_len]``. Select kernels by name with :func:`get`.
+``[batch..., heads, q_len, kv_len]``. :func:`dot_product_attention` is the front end
+(``implementation=`` picks a kernel); :func:`get` returns any kernel by name.
 """
 
 from attn_jax.kernels.additive import additive_attention
-from attn_jax.kernels.checks import AttentionInputError
+from attn_jax.kernels.api import (
+    AttentionCall,
+    AttentionOutput,
+    dispatch,
+    dot_product_attention,
+)
+from attn_jax.kernels.checks import AttentionInputError, UnsupportedArgumentError
 from attn_jax.kernels.chunked import chunked_attention
-from attn_jax.kernels.dot_product import dot_product_attention
+from attn_jax.kernels.dot_product import dense_attention
 from attn_jax.kernels.flash import flash_attention
 from attn_jax.kernels.flax_adapter import flax_attention_fn
 from attn_jax.kernels.linear import linear_attention
@@ -28,16 +36,24 @@ from attn_jax.kernels.registry import (
 )
 from attn_jax.kernels.ring import ring_attention
 from attn_jax.kernels.sliding_window import sliding_window_attention
+from attn_jax.kernels.visibility import Tokens, Visibility
 
 __all__ = [
+    "AttentionCall",
     "AttentionInputError",
+    "AttentionOutput",
     "Capabilities",
     "KernelSpec",
+    "Tokens",
+    "UnsupportedArgumentError",
+    "Visibility",
     "additive_attention",
     "attention_pooling",
     "available",
     "capabilities",
     "chunked_attention",
+    "dense_attention",
+    "dispatch",
     "dot_product_attention",
     "flash_attention",
     "flax_attention_fn",

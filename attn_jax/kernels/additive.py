@@ -8,8 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn_jax.kernels import checks, softmax_core
-from attn_jax.kernels.dot_product import prepare_softmax_inputs
+from attn_jax.kernels import api, checks, softmax_core
 from attn_jax.kernels.registry import Capabilities, register
 
 __all__ = ["additive_attention", "additive_logits"]
@@ -93,19 +92,23 @@ def additive_attention(
       ``[batch..., q_len, heads, v_head_dim]``; weights ``[batch..., heads, q_len, kv_len]``
       and/or residual when requested.
     """
-    query, key, value, bias, combined, out_dtype = prepare_softmax_inputs(
+    call = api.bind(
         query,
         key,
         value,
         bias,
         mask,
+        scale=1.0,
         is_causal=is_causal,
         local_window_size=local_window_size,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        broadcast_dropout=broadcast_dropout,
         dtype=dtype,
     )
-    dropout_rate = softmax_core.dropout_rate_value(dropout_rate)
+    query, key, value = call.safe_inputs()
     v = jnp.asarray(v)
     heads, units = query.shape[-2], query.shape[-1]
     if v.shape not in ((units,), (heads, units)):
@@ -117,12 +120,12 @@ def additive_attention(
     return softmax_core.attend(
         logits,
         value,
-        bias=bias,
-        mask=combined,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        broadcast_dropout=broadcast_dropout,
-        out_dtype=out_dtype,
+        bias=call.bias,
+        mask=call.visibility.dense_mask(),
+        dropout_rate=call.dropout_rate,
+        dropout_rng=call.dropout_rng,
+        broadcast_dropout=call.broadcast_dropout,
+        out_dtype=call.out_dtype,
         precision=precision,
         return_weights=return_weights,
         return_residual=return_residual,

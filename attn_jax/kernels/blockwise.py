@@ -1,10 +1,14 @@
-"""Shared plumbing of the blockwise kernels (``flash``, ``chunked``, ``ring``).
+"""Shared plumbing of the blockwise kernels (``flash``, ``chunked``, ``sliding_window``,
+``ring``).
 
-They work on a canonical layout: queries ``[batch, kv_heads, groups, q_len, dim]`` (GQA:
-query head ``h = kv_head * groups + g``), keys/values ``[batch, kv_heads, kv_len, dim]``,
-mask and bias ``[batch, kv_heads, groups, q_len, kv_len]`` (or ``None``), lengths
-``[batch]``; lengths padded up to whole blocks. Structural masks (causal, window, padding)
-are computed per block from positions, never materialised at full size.
+They work on a canonical layout: queries ``[B, kv_heads, groups, q_pad, dim]`` (GQA: query
+head ``h = kv_head * groups + g``), keys/values ``[B, kv_heads, kv_pad, dim]``, bias
+``[B, kv_heads, groups, q_pad, kv_pad]``, mask ``[B or 1, kv_heads or 1, groups or 1,
+q_pad, kv_pad]``, and per-token visibility (:class:`~attn_jax.kernels.visibility.Tokens`,
+``[B, q_pad]`` / ``[B, kv_pad]``, validity materialised); lengths are padded up to whole
+blocks (the padding is invalid). Visibility is evaluated per block from the tokens, never
+materialised at full size, and :func:`plan` classifies blocks once per call so that hidden
+blocks are skipped.
 """
 
 from __future__ import annotations
@@ -12,28 +16,31 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from attn_jax.kernels import checks, softmax_core
-from attn_jax.kernels.dot_product import validate_softmax_inputs
+from attn_jax.kernels import visibility as vis
+from attn_jax.kernels.api import AttentionCall
+from attn_jax.kernels.visibility import Tokens
 
 __all__ = [
     "BlockLayout",
     "Canonical",
+    "Plan",
     "attention_with_vjp",
     "block_gradients",
     "block_scores",
-    "block_visibility",
+    "block_visible",
     "canonicalize",
-    "kv_block_range",
     "online_softmax_result",
     "online_softmax_update",
     "pad_to",
-    "position_visibility",
+    "plan",
+    "slice_tokens",
     "zeros_like_inputs",
 ]
 
@@ -59,10 +66,17 @@ class BlockLayout:
     bias_fn: Callable[..., jax.Array] | None = None
     precision: Any = None
 
-    @property
-    def offset(self) -> int:
-        """Bottom-right alignment: query ``i`` lines up with key ``i + offset``."""
-        return self.kv_len - self.q_len
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Block classes of one call (:func:`~attn_jax.kernels.visibility.block_classes`) and,
+    per query block, its key blocks that are not hidden: ``order [nq, nk]`` (visible first,
+    increasing), ``count [nq]``."""
+
+    classes: jax.Array
+    order: jax.Array
+    count: jax.Array
 
 
 @dataclasses.dataclass
@@ -74,24 +88,39 @@ class Canonical:
     value: jax.Array
     bias: jax.Array | None
     mask: jax.Array | None
-    q_lengths: jax.Array | None
-    kv_lengths: jax.Array | None
+    q_tokens: Tokens
+    k_tokens: Tokens
     layout: BlockLayout
     batch_shape: tuple[int, ...]
     heads: int
     out_dtype: Any
 
 
+def plan(c: Canonical) -> Plan:
+    """Classifies the blocks of ``c`` (from its tokens and mask)."""
+    layout = c.layout
+    classes = vis.block_classes(
+        c.q_tokens,
+        c.k_tokens,
+        c.mask,
+        block_q=layout.block_q,
+        block_k=layout.block_k,
+        is_causal=layout.is_causal,
+        window=layout.window,
+    )
+    order, count = vis.visible_blocks(classes)
+    return Plan(classes, order, count)
+
+
 def attention_with_vjp(forward: Callable[..., Any], backward: Callable[..., Any]):
-    """``attend(layout, q, k, v, bias, mask, q_lengths, kv_lengths) -> (out, lse)`` with a
-    custom VJP that saves only the inputs, ``out`` and ``lse`` and calls
-    ``backward(layout, q, k, v, bias, mask, q_lengths, kv_lengths, out, lse, d_out, d_lse)
-    -> (dq, dk, dv, dbias)``; ``layout`` is static (hashable), masks and lengths get no
-    gradient."""
+    """``attend(layout, q, k, v, bias, aux) -> (out, lse)`` with a custom VJP that saves
+    only the inputs, ``out`` and ``lse`` and calls ``backward(layout, q, k, v, bias, aux,
+    out, lse, d_out, d_lse) -> (dq, dk, dv, dbias)``; ``layout`` is static (hashable),
+    ``aux`` (masks, tokens, block plans: a pytree) gets no gradient."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def attend(layout, q, k, v, bias, mask, q_lengths, kv_lengths):
-        return forward(layout, q, k, v, bias, mask, q_lengths, kv_lengths)
+    def attend(layout, q, k, v, bias, aux):
+        return forward(layout, q, k, v, bias, aux)
 
     def attend_fwd(layout, *inputs):
         out, lse = forward(layout, *inputs)
@@ -99,7 +128,7 @@ def attention_with_vjp(forward: Callable[..., Any], backward: Callable[..., Any]
 
     def attend_bwd(layout, residuals, cotangents):
         dq, dk, dv, dbias = backward(layout, *residuals, *cotangents)
-        return dq, dk, dv, dbias, None, None, None
+        return dq, dk, dv, dbias, None
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend
@@ -114,12 +143,16 @@ def block_scores(layout: BlockLayout, q_blk, k_blk, bias_blk) -> jax.Array:
 
 
 def online_softmax_update(layout: BlockLayout, state, s, visible, v_blk):
-    """Folds one block of scores ``s [b, h, g, n, m]`` (where ``visible``) and its values
-    ``v_blk [b, h, m, dv]`` into the running ``(max [b, h, g, n], total, acc [.., dv])``."""
+    """Folds one block of scores ``s [b, h, g, n, m]`` (where ``visible``; ``None``: all of
+    it) and its values ``v_blk [b, h, m, dv]`` into the running ``(max [b, h, g, n], total,
+    acc [.., dv])``."""
     m, total, acc = state
-    s = jnp.where(visible, s, MASK_VALUE)
+    if visible is not None:
+        s = jnp.where(visible, s, MASK_VALUE)
     m_new = jnp.maximum(m, s.max(-1))
-    p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
     correction = jnp.exp(m - m_new)
     pv = jnp.einsum("bhgqk,bhkd->bhgqd", p, v_blk, precision=layout.precision)
     return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
@@ -133,11 +166,14 @@ def online_softmax_result(m, total, acc) -> tuple[jax.Array, jax.Array]:
 
 
 def block_gradients(layout: BlockLayout, s, visible, q_blk, k_blk, v_blk, do_blk, lse, delta):
-    """One block's backward pass from its recomputed scores ``s [b, h, g, n, m]``:
+    """One block's backward pass from its recomputed scores ``s [b, h, g, n, m]``
+    (``visible``: ``None`` for a fully visible block):
     ``(ds [b, h, g, n, m], dq [b, h, g, n, d], dk [b, h, m, d], dv [b, h, m, dv])``, where
     ``lse`` and ``delta = sum(d_out * out) - d_lse`` are the query rows' ``[b, h, g, n]``."""
     scale, precision = jnp.float32(layout.scale), layout.precision
-    p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0)
+    p = jnp.exp(s - lse[..., None])
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
     dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_blk, v_blk, precision=precision)
     ds = p * (dp - delta[..., None])
     dq = scale * jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_blk, precision=precision)
@@ -146,10 +182,11 @@ def block_gradients(layout: BlockLayout, s, visible, q_blk, k_blk, v_blk, do_blk
     return ds, dq, dk, dv
 
 
-def zeros_like_inputs(shape: tuple[int, ...], *like: jax.Array | None, fill: float = 0.0):
-    """A float32 constant that carries the (shard_map) variance of every array in ``like``,
-    so loop carries keep one type when the inputs are sharded."""
-    tie = sum(a.reshape(-1)[0].astype(jnp.float32) * 0.0 for a in like if a is not None)
+def zeros_like_inputs(shape: tuple[int, ...], *like: Any, fill: float = 0.0):
+    """A float32 constant that carries the (shard_map) variance of every array in ``like``
+    (pytrees allowed), so loop carries keep one type when the inputs are sharded."""
+    leaves = [a for a in jax.tree.leaves(like) if jnp.issubdtype(a.dtype, jnp.floating)]
+    tie = sum(a.reshape(-1)[0].astype(jnp.float32) * 0.0 for a in leaves)
     return jnp.full(shape, fill, jnp.float32) + tie
 
 
@@ -163,63 +200,79 @@ def pad_to(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def canonical_tokens(t: Tokens, batch_shape: tuple[int, ...], length: int, padded: int) -> Tokens:
+    """``t`` (``[*batch or 1s, length]``) as ``[B, padded]`` with validity materialised
+    (``False`` on the padding)."""
+    batch = math.prod(batch_shape)
+
+    def flat(x):
+        return jnp.broadcast_to(x, (*batch_shape, length)).reshape(batch, length)
+
+    valid = jnp.ones((batch, length), bool) if t.valid is None else flat(t.valid)
+    return Tokens(
+        pad_to(flat(t.positions), 1, padded),
+        pad_to(valid, 1, padded, False),
+        None if t.segment_ids is None else pad_to(flat(t.segment_ids), 1, padded),
+    )
+
+
+def slice_tokens(t: Tokens, start: Any, size: int) -> Tokens:
+    """Tokens ``start .. start + size`` of ``[B, n]`` tokens."""
+    return t.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1))
+
+
 def canonicalize(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
+    call: AttentionCall,
     *,
-    scale: float | None,
-    is_causal: bool,
-    local_window_size: int | Sequence[int] | None,
-    query_seq_lengths: jax.Array | None,
-    key_value_seq_lengths: jax.Array | None,
     block_q: int,
     block_k: int,
     mask_fn: Callable[..., jax.Array] | None = None,
     bias_fn: Callable[..., jax.Array] | None = None,
-    precision: Any = None,
-    dtype: Any = None,
+    tokens: tuple[Tokens, Tokens] | None = None,
 ) -> Canonical:
-    """Validates the ``dot_product`` arguments and brings them to the canonical layout."""
-    query, key, value, bias, mask, window, out_dtype = validate_softmax_inputs(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        local_window_size=local_window_size,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        dtype=dtype,
-    )
+    """Brings a validated call to the canonical layout, blocks of ``block_q`` x
+    ``block_k`` (clipped to the lengths; lengths padded up to whole blocks).
+
+    ``tokens`` replaces ``call.visibility.tokens()`` (ring attention on a device's shard);
+    invalid tokens are then zeroed by their validity alone.
+    """
     checks.check_block_sizes(block_q=block_q, block_k=block_k)
-    batch_shape = tuple(query.shape[:-3])
+    batch_shape = call.batch_shape
+    if tokens is None:
+        query, key, value = call.safe_inputs()
+        tokens = call.visibility.tokens()
+    else:
+        zero = lambda x, t: x if t.valid is None else jnp.where(t.valid[..., None, None], x, 0)
+        query = zero(call.query, tokens[0])
+        key, value = zero(call.key, tokens[1]), zero(call.value, tokens[1])
     q_len, heads, dim = query.shape[-3:]
     kv_len, kv_heads = key.shape[-3], key.shape[-2]
-    target = softmax_core.logits_shape(batch_shape, heads, q_len, kv_len)
-
     batch = math.prod(batch_shape)
     groups = heads // kv_heads
     bq, bk = min(block_q, q_len), min(block_k, kv_len)
     nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    f32 = lambda x: x.astype(jnp.float32)
 
-    def to_f32(x):
-        return x.astype(jnp.float32)
-
-    q = to_f32(query).reshape(batch, q_len, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
-    k = to_f32(key).reshape(batch, kv_len, kv_heads, dim).transpose(0, 2, 1, 3)
-    v = to_f32(value).reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
+    q = f32(query).reshape(batch, q_len, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+    k = f32(key).reshape(batch, kv_len, kv_heads, dim).transpose(0, 2, 1, 3)
+    v = f32(value).reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
     q, k, v = pad_to(q, 3, nq * bq), pad_to(k, 2, nk * bk), pad_to(v, 2, nk * bk)
 
-    def full(x, fill):
-        x = jnp.broadcast_to(x, target).reshape(batch, kv_heads, groups, q_len, kv_len)
-        return pad_to(pad_to(x, 3, nq * bq, fill), 4, nk * bk, fill)
-
-    def lengths(x):
-        return None if x is None else jnp.asarray(x, jnp.int32).reshape(batch)
-
+    bias = None
+    if call.bias is not None:
+        full = jnp.broadcast_to(f32(call.bias), (*batch_shape, heads, q_len, kv_len))
+        bias = full.reshape(batch, kv_heads, groups, q_len, kv_len)
+        bias = pad_to(pad_to(bias, 3, nq * bq), 4, nk * bk)
+    mask = None
+    if call.visibility.mask is not None:
+        m = call.visibility.mask  # [*batch or 1s, heads or 1, q_len or 1, kv_len or 1]
+        ones = (1,) * len(batch_shape)
+        lead = batch_shape if m.shape[:-3] != ones else ones
+        head_shape = (kv_heads, groups) if m.shape[-3] != 1 else (1, 1)
+        m = jnp.broadcast_to(m, (*lead, m.shape[-3], q_len, kv_len))
+        mask = m.reshape(math.prod(lead), *head_shape, q_len, kv_len)
+        mask = pad_to(pad_to(mask, 3, nq * bq, False), 4, nk * bk, False)
+    q_tokens, k_tokens = tokens
     layout = BlockLayout(
         q_len=q_len,
         kv_len=kv_len,
@@ -229,30 +282,30 @@ def canonicalize(
         block_k=bk,
         num_q_blocks=nq,
         num_k_blocks=nk,
-        scale=float(1.0 / math.sqrt(dim) if scale is None else scale),
-        is_causal=bool(is_causal),
-        window=window,
+        scale=call.scale,
+        is_causal=call.visibility.is_causal,
+        window=call.visibility.window,
         mask_fn=mask_fn,
         bias_fn=bias_fn,
-        precision=precision,
+        precision=call.precision,
     )
     return Canonical(
         query=q,
         key=k,
         value=v,
-        bias=None if bias is None else full(to_f32(bias), 0.0),
-        mask=None if mask is None else full(mask, False),
-        q_lengths=lengths(query_seq_lengths),
-        kv_lengths=lengths(key_value_seq_lengths),
+        bias=bias,
+        mask=mask,
+        q_tokens=canonical_tokens(q_tokens, batch_shape, q_len, nq * bq),
+        k_tokens=canonical_tokens(k_tokens, batch_shape, kv_len, nk * bk),
         layout=layout,
         batch_shape=batch_shape,
         heads=heads,
-        out_dtype=out_dtype,
+        out_dtype=call.out_dtype,
     )
 
 
 def restore(out: jax.Array, c: Canonical) -> jax.Array:
-    """``[batch, kv_heads, groups, q_pad, dv]`` -> ``[batch..., q_len, heads, dv]``."""
+    """``[B, kv_heads, groups, q_pad, dv]`` -> ``[batch..., q_len, heads, dv]``."""
     out = out[:, :, :, : c.layout.q_len]
     _, kv_heads, groups, q_len, dv = out.shape
     out = out.transpose(0, 3, 1, 2, 4).reshape(*c.batch_shape, q_len, kv_heads * groups, dv)
@@ -260,68 +313,31 @@ def restore(out: jax.Array, c: Canonical) -> jax.Array:
 
 
 def restore_lse(lse: jax.Array, c: Canonical) -> jax.Array:
-    """``[batch, kv_heads, groups, q_pad]`` -> ``[batch..., q_len, heads]``."""
+    """``[B, kv_heads, groups, q_pad]`` -> ``[batch..., q_len, heads]``."""
     lse = lse[..., : c.layout.q_len]
     _, kv_heads, groups, q_len = lse.shape
     return lse.transpose(0, 3, 1, 2).reshape(*c.batch_shape, q_len, kv_heads * groups)
 
 
-def kv_block_range(layout: BlockLayout, q_start: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Key blocks ``[lo, hi)`` that a query block starting at ``q_start`` can see:
-    causal and window masks let whole blocks be skipped."""
-    lo, hi = jnp.int32(0), jnp.int32(layout.num_k_blocks)
-    last = jnp.minimum(q_start + layout.block_q, layout.q_len) - 1 + layout.offset
-    first = q_start + layout.offset
-    if layout.is_causal:
-        hi = jnp.minimum(hi, last // layout.block_k + 1)
-    if layout.window is not None:
-        left, right = layout.window
-        hi = jnp.minimum(hi, (last + right) // layout.block_k + 1)
-        lo = jnp.maximum(lo, (first - left) // layout.block_k)
-    hi = jnp.clip(hi, 0, layout.num_k_blocks)
-    lo = jnp.clip(lo, 0, hi)
-    return lo, hi
-
-
-def block_visibility(
+def block_visible(
     layout: BlockLayout,
-    q_start: jax.Array,
-    k_start: jax.Array,
-    q_lengths: jax.Array | None,
-    kv_lengths: jax.Array | None,
+    q_tok: Tokens,
+    k_tok: Tokens,
     mask_block: jax.Array | None,
+    q_start: Any = 0,
+    k_start: Any = 0,
 ) -> jax.Array:
-    """``[batch or 1, kv_heads or 1, groups or 1, block_q, block_k]`` boolean visibility."""
-    i = q_start + jnp.arange(layout.block_q)[:, None]
-    j = k_start + jnp.arange(layout.block_k)[None, :]
-    return position_visibility(layout, i, j, q_lengths, kv_lengths, mask_block)
-
-
-def position_visibility(
-    layout: BlockLayout,
-    i: jax.Array,
-    j: jax.Array,
-    q_lengths: jax.Array | None,
-    kv_lengths: jax.Array | None,
-    mask_block: jax.Array | None,
-) -> jax.Array:
-    """Visibility of query positions ``i [n, 1]`` to key positions ``j [1, m]`` (in the
-    whole sequences): ``[batch or 1, kv_heads or 1, groups or 1, n, m]``."""
-    ok = (i < layout.q_len) & (j < layout.kv_len)
-    shifted = i + layout.offset
-    if layout.is_causal:
-        ok &= j <= shifted
-    if layout.window is not None:
-        left, right = layout.window
-        ok &= (j >= shifted - left) & (j <= shifted + right)
-    ok = ok[None, None, None]
-    if q_lengths is not None:
-        ok = ok & (i < q_lengths[:, None, None, None, None])
-    if kv_lengths is not None:
-        ok = ok & (j < kv_lengths[:, None, None, None, None])
+    """``[B, 1 or kv_heads, 1 or groups, n, m]`` visibility of query tokens ``[B, n]`` to
+    key tokens ``[B, m]`` (rows ``q_start..`` and ``k_start..`` of the arrays, for
+    ``mask_fn``), with the block's slice of the dense mask."""
+    ok = vis.visible(q_tok, k_tok, is_causal=layout.is_causal, window=layout.window)
+    ok = ok[:, None, None]
     if mask_block is not None:
         ok = ok & mask_block
     if layout.mask_fn is not None:
+        n, m = ok.shape[-2:]
+        i = q_start + jnp.arange(n, dtype=jnp.int32)[:, None]
+        j = k_start + jnp.arange(m, dtype=jnp.int32)[None, :]
         ok = ok & _per_head(layout.mask_fn(i, j), "mask_fn", layout)
     return ok
 
@@ -332,8 +348,8 @@ def block_bias(
     """The additive bias of one block (array slice plus ``bias_fn``), or ``None``."""
     out = bias_block
     if layout.bias_fn is not None:
-        i = q_start + jnp.arange(layout.block_q)[:, None]
-        j = k_start + jnp.arange(layout.block_k)[None, :]
+        i = q_start + jnp.arange(layout.block_q, dtype=jnp.int32)[:, None]
+        j = k_start + jnp.arange(layout.block_k, dtype=jnp.int32)[None, :]
         extra = _per_head(layout.bias_fn(i, j), "bias_fn", layout).astype(jnp.float32)
         out = extra if out is None else out + extra
     return out
@@ -341,7 +357,7 @@ def block_bias(
 
 def _per_head(x: jax.Array, name: str, layout: BlockLayout) -> jax.Array:
     """A callable's ``[block_q, block_k]`` or ``[heads, block_q, block_k]`` result, shaped
-    to broadcast against ``[batch, kv_heads, groups, block_q, block_k]``."""
+    to broadcast against ``[B, kv_heads, groups, block_q, block_k]``."""
     x = jnp.asarray(x)
     if x.ndim == 2:
         return x[None, None, None]

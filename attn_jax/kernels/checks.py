@@ -7,7 +7,7 @@ the offending argument. Shape checks go through chex so the usual chex tooling a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import chex
 import jax
@@ -16,11 +16,12 @@ import numpy as np
 
 __all__ = [
     "AttentionInputError",
+    "UnsupportedArgumentError",
     "check_broadcastable",
     "check_lengths",
     "check_qkv",
     "check_rank_at_least",
-    "normalize_window",
+    "fail",
 ]
 
 
@@ -32,7 +33,15 @@ class AttentionInputError(ValueError, AssertionError):
     """
 
 
-def _fail(argument: str, message: str) -> None:
+class UnsupportedArgumentError(ValueError):
+    """A kernel cannot honour an argument (a mask for a linear kernel, dropout for a fused
+    kernel, ...). The message names the argument. With
+    ``dot_product_attention(implementation=[...])`` it is the signal to try the next kernel.
+    """
+
+
+def fail(argument: str, message: str) -> NoReturn:
+    """Raises :class:`AttentionInputError` with a message that starts with ``argument``."""
     raise AttentionInputError(f"argument {argument!r}: {message}")
 
 
@@ -41,12 +50,12 @@ def check_rank_at_least(x: jax.Array, rank: int, argument: str, layout: str) -> 
     try:
         chex.assert_rank(x, set(range(rank, max(rank, x.ndim) + 1)))
     except AssertionError:
-        _fail(argument, f"expected layout {layout} (rank >= {rank}), got shape {x.shape}")
+        fail(argument, f"expected layout {layout} (rank >= {rank}), got shape {x.shape}")
 
 
 def check_floating(x: jax.Array, argument: str) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        _fail(argument, f"expected a floating-point array, got dtype {x.dtype}")
+        fail(argument, f"expected a floating-point array, got dtype {x.dtype}")
 
 
 def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array) -> None:
@@ -65,23 +74,23 @@ def check_qkv(query: jax.Array, key: jax.Array, value: jax.Array) -> None:
         try:
             chex.assert_equal_rank([query, x])
         except AssertionError:
-            _fail(name, f"rank {x.ndim} (shape {x.shape}) differs from query's {query.shape}")
+            fail(name, f"rank {x.ndim} (shape {x.shape}) differs from query's {query.shape}")
         try:
             chex.assert_equal_shape_prefix([query, x], query.ndim - 3)
         except AssertionError:
-            _fail(
+            fail(
                 name,
                 f"batch dimensions {x.shape[:-3]} differ from query's {query.shape[:-3]}",
             )
     if key.shape[-1] != query.shape[-1]:
-        _fail("key", f"head_dim {key.shape[-1]} does not match query head_dim {query.shape[-1]}")
+        fail("key", f"head_dim {key.shape[-1]} does not match query head_dim {query.shape[-1]}")
     if value.shape[-3] != key.shape[-3]:
-        _fail("value", f"kv_len {value.shape[-3]} does not match key kv_len {key.shape[-3]}")
+        fail("value", f"kv_len {value.shape[-3]} does not match key kv_len {key.shape[-3]}")
     if value.shape[-2] != key.shape[-2]:
-        _fail("value", f"kv_heads {value.shape[-2]} does not match key kv_heads {key.shape[-2]}")
+        fail("value", f"kv_heads {value.shape[-2]} does not match key kv_heads {key.shape[-2]}")
     heads, kv_heads = query.shape[-2], key.shape[-2]
     if kv_heads == 0 or heads % kv_heads:
-        _fail(
+        fail(
             "key",
             f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})",
         )
@@ -91,7 +100,7 @@ def check_same_dtype(query: jax.Array, key: jax.Array, value: jax.Array) -> None
     """Key and value must have the query's dtype (pass ``dtype=`` to compute in one)."""
     for name, x in (("key", key), ("value", value)):
         if x.dtype != query.dtype:
-            _fail(
+            fail(
                 name,
                 f"dtype {x.dtype} differs from query dtype {query.dtype}; cast the inputs or "
                 "pass dtype=",
@@ -105,7 +114,7 @@ def check_broadcastable(
     if x is None:
         return
     if boolean and x.dtype != jnp.bool_:
-        _fail(
+        fail(
             argument,
             f"expected a boolean array (True = may attend), got dtype {x.dtype} (flax's mask "
             "helpers take dtype=bool; kernels.flax_attention_fn converts float masks)",
@@ -113,14 +122,14 @@ def check_broadcastable(
     if not boolean and not (
         jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
     ):
-        _fail(argument, f"expected a numeric array, got dtype {x.dtype}")
+        fail(argument, f"expected a numeric array, got dtype {x.dtype}")
     target = tuple(target)
     try:
         ok = np.broadcast_shapes(tuple(x.shape), target) == target
     except ValueError:
         ok = False
     if not ok:
-        _fail(argument, f"shape {x.shape} does not broadcast to {target}")
+        fail(argument, f"shape {x.shape} does not broadcast to {target}")
 
 
 def check_lengths(lengths: jax.Array | None, batch_shape: Sequence[int], argument: str) -> None:
@@ -128,38 +137,18 @@ def check_lengths(lengths: jax.Array | None, batch_shape: Sequence[int], argumen
     if lengths is None:
         return
     if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
-        _fail(argument, f"expected an integer array, got dtype {jnp.asarray(lengths).dtype}")
+        fail(argument, f"expected an integer array, got dtype {jnp.asarray(lengths).dtype}")
     check_shape = tuple(jnp.shape(lengths))
     try:
         ok = np.broadcast_shapes(check_shape, tuple(batch_shape)) == tuple(batch_shape)
     except ValueError:
         ok = False
     if not ok:
-        _fail(argument, f"shape {check_shape} does not broadcast to batch shape {batch_shape}")
-
-
-def normalize_window(local_window_size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    """``int`` or ``(left, right)`` non-negative ints -> ``(left, right)``; ``None`` stays."""
-    if local_window_size is None:
-        return None
-    if isinstance(local_window_size, bool | np.bool_):
-        _fail("local_window_size", f"expected int or (left, right), got {local_window_size!r}")
-    if isinstance(local_window_size, int | np.integer):
-        window = (int(local_window_size), int(local_window_size))
-    else:
-        window = tuple(local_window_size)
-        if len(window) != 2 or not all(
-            isinstance(w, int | np.integer) and not isinstance(w, bool) for w in window
-        ):
-            _fail("local_window_size", f"expected int or (left, right), got {local_window_size}")
-        window = (int(window[0]), int(window[1]))
-    if min(window) < 0:
-        _fail("local_window_size", f"window sizes must be >= 0, got {window}")
-    return window
+        fail(argument, f"shape {check_shape} does not broadcast to batch shape {batch_shape}")
 
 
 def check_block_sizes(**sizes: Any) -> None:
     """Block or chunk sizes must be positive integers: ``check_block_sizes(block_q=64)``."""
     for name, size in sizes.items():
         if isinstance(size, bool | np.bool_) or not isinstance(size, int | np.integer) or size < 1:
-            _fail(name, f"expected a positive integer, got {size!r}")
+            fail(name, f"expected a positive integer, got {size!r}")

@@ -2,51 +2,43 @@
 ``S = sum_j phi(k_j) v_j^T`` and ``z = sum_j phi(k_j)`` (prefix sums when causal).
 
 Shared by the ``linear`` (elu + 1) and ``performer`` (FAVOR+) kernels: time and memory are
-linear in sequence length. Causal attention runs over chunks: exact (masked) products
-within a chunk and a running state between chunks.
+linear in sequence length. They consume the visibility model in prefix form: validity
+(padding) zeroes keys and output rows, causality is a running sum over positions in
+order (chunks: exact masked products within a chunk, a running state between chunks).
+Masks, windows and segments have no such form and are refused by their capabilities.
+
+:class:`Recurrence` is the same computation one step at a time, "Transformers are RNNs"
+(Katharopoulos et al. 2020): a state of ``S`` and ``z`` per sequence, O(1) memory in the
+sequence length and a per-token cost independent of it. Models decode with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attn_jax.kernels import checks
+from attn_jax.kernels.api import AttentionCall
 
-__all__ = ["check_feature_inputs", "feature_attention"]
+__all__ = ["Recurrence", "feature_attention", "prefix_attention"]
+
+FeatureMap = Callable[..., jax.Array]  # (x [..., d], *, is_query, **options) -> [..., f]
 
 
-def check_feature_inputs(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    *,
-    is_causal: bool,
-    query_seq_lengths: jax.Array | None,
-    key_value_seq_lengths: jax.Array | None,
-    kernel: str,
-) -> None:
-    """Layout checks; refuses ``bias``/``mask`` (no prefix-sum form); causal feature
-    attention needs ``q_len == kv_len``."""
-    for name, given in (("bias", bias), ("mask", mask)):
-        if given is not None:
-            raise ValueError(
-                f"{kernel}: argument '{name}' is not supported: an arbitrary {name} has no "
-                "feature-map (prefix-sum) form; use the padding lengths or an exact kernel"
-            )
-    checks.check_qkv(query, key, value)
-    batch_shape = query.shape[:-3]
-    checks.check_lengths(query_seq_lengths, batch_shape, "query_seq_lengths")
-    checks.check_lengths(key_value_seq_lengths, batch_shape, "key_value_seq_lengths")
-    if is_causal and query.shape[-3] != key.shape[-3]:
-        raise ValueError(
-            f"{kernel}: argument 'is_causal' needs q_len == kv_len (prefix sums over one "
-            f"sequence), got q_len {query.shape[-3]} and kv_len {key.shape[-3]}"
-        )
+def _divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    """``num [..., dv] / den [...]``, 0 where ``den`` is 0.
+
+    With features as small as 1e-25 (FAVOR+ keys at head_dim 64), autodiff of a plain
+    division squares ``den``, which underflows to 0 and turns gradients into NaN. Dividing
+    both by a constant copy of ``den`` leaves the value and the true gradient
+    (``-out / den`` for ``den``) but never squares a small number.
+    """
+    safe = jnp.where(den > 0, den, 1.0)[..., None]
+    constant = jax.lax.stop_gradient(safe)
+    return (num / constant) / (safe / constant)
 
 
 def feature_attention(
@@ -55,58 +47,51 @@ def feature_attention(
     value: jax.Array,
     *,
     is_causal: bool,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
     chunk_size: int = 64,
     precision: Sequence | None = None,
-) -> jax.Array:
-    """Linear attention given non-negative features.
+    state: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Linear attention given non-negative features (zero for keys that must not count).
 
     Args:
       phi_q: ``[batch..., q_len, heads, features]`` query features (>= 0).
       phi_k: ``[batch..., kv_len, kv_heads, features]`` key features (>= 0).
       value: ``[batch..., kv_len, kv_heads, v_dim]``.
       is_causal: query ``i`` uses keys ``j <= i`` (``q_len == kv_len``).
-      query_seq_lengths / key_value_seq_lengths: ``[batch...]``: padded keys contribute
-        nothing; padded query rows return zeros.
       chunk_size: causal chunk length.
+      state: ``(S [batch..., kv_heads, features, v_dim], z [batch..., kv_heads,
+        features])`` of the keys before these (recurrent use), or ``None``.
 
     Returns:
-      ``[batch..., q_len, heads, v_dim]`` float32; rows that see no key are zeros.
+      ``(out [batch..., q_len, heads, v_dim] float32, state after these keys)``; rows that
+      see no key are zeros.
     """
     batch_shape = phi_q.shape[:-3]
     q_len, heads, features = phi_q.shape[-3:]
-    kv_len, kv_heads = phi_k.shape[-3], phi_k.shape[-2]
-    groups = heads // kv_heads
-    phi_q = phi_q.reshape(*batch_shape, q_len, kv_heads, groups, features)
+    kv_heads = phi_k.shape[-2]
+    phi_q = phi_q.reshape(*batch_shape, q_len, kv_heads, heads // kv_heads, features)
     value = value.astype(jnp.float32)
-    if key_value_seq_lengths is not None:
-        keep = jnp.arange(kv_len) < jnp.asarray(key_value_seq_lengths)[..., None]
-        phi_k = phi_k * keep[..., None, None]
+    if state is None:
+        state = (
+            jnp.zeros((*batch_shape, kv_heads, features, value.shape[-1]), jnp.float32),
+            jnp.zeros((*batch_shape, kv_heads, features), jnp.float32),
+        )
     if not is_causal:
-        state = jnp.einsum("...khf,...khd->...hfd", phi_k, value, precision=precision)
-        norm = phi_k.sum(-3)  # [..., kv_heads, features]
-        num = jnp.einsum("...qhgf,...hfd->...qhgd", phi_q, state, precision=precision)
+        kv = state[0] + jnp.einsum("...khf,...khd->...hfd", phi_k, value, precision=precision)
+        norm = state[1] + phi_k.sum(-3)  # [..., kv_heads, features]
+        num = jnp.einsum("...qhgf,...hfd->...qhgd", phi_q, kv, precision=precision)
         den = jnp.einsum("...qhgf,...hf->...qhg", phi_q, norm, precision=precision)
+        state = (kv, norm)
     else:
-        num, den = _causal(phi_q, phi_k, value, chunk_size, precision)
-    # num / den with features as small as 1e-25 (FAVOR+ keys at head_dim 64): autodiff of a
-    # plain division squares den, which underflows to 0 and turns gradients into NaN.
-    # Dividing both by a constant copy of den leaves the value and the true gradient
-    # (-out / den for den) but never squares a small number.
-    safe = jnp.where(den > 0, den, 1.0)[..., None]
-    constant = jax.lax.stop_gradient(safe)
-    out = (num / constant) / (safe / constant)
-    out = out.reshape(*batch_shape, q_len, heads, -1)
-    if query_seq_lengths is not None:
-        rows = jnp.arange(q_len) < jnp.asarray(query_seq_lengths)[..., None]
-        out = out * rows[..., None, None]
-    return out
+        num, den, state = _causal(phi_q, phi_k, value, chunk_size, precision, state)
+    out = _divide(num, den)
+    return out.reshape(*batch_shape, q_len, heads, -1), state
 
 
-def _causal(phi_q, phi_k, value, chunk_size, precision):
-    """Chunked prefix sums: ``(numerator [..., q, h, g, d], denominator [..., q, h, g])``."""
-    *batch_shape, length, kv_heads, _, features = phi_q.shape
+def _causal(phi_q, phi_k, value, chunk_size, precision, state):
+    """Chunked prefix sums from ``state``: ``(numerator [..., q, h, g, d], denominator
+    [..., q, h, g], final state)``."""
+    *batch_shape, length = phi_q.shape[:-3]
     chunk = min(chunk_size, length)
     chunks = -(-length // chunk)
     pad = chunks * chunk - length
@@ -119,24 +104,21 @@ def _causal(phi_q, phi_k, value, chunk_size, precision):
 
     q_c, k_c, v_c = split(phi_q), split(phi_k), split(value)
     tril = jnp.tril(jnp.ones((chunk, chunk), bool))
-    d_v = value.shape[-1]
-    state0 = jnp.zeros((*batch_shape, kv_heads, features, d_v), jnp.float32)
-    norm0 = jnp.zeros((*batch_shape, kv_heads, features), jnp.float32)
 
     def step(carry, xs):
-        state, norm = carry
+        kv, norm = carry
         q, k, v = xs
         scores = jnp.einsum("...qhgf,...khf->...hgqk", q, k, precision=precision)
         scores = jnp.where(tril, scores, 0.0)
         num = jnp.einsum("...hgqk,...khd->...qhgd", scores, v, precision=precision)
-        num = num + jnp.einsum("...qhgf,...hfd->...qhgd", q, state, precision=precision)
+        num = num + jnp.einsum("...qhgf,...hfd->...qhgd", q, kv, precision=precision)
         den = scores.sum(-1)  # [..., h, g, q]
         den = jnp.moveaxis(den, -1, -3) + jnp.einsum("...qhgf,...hf->...qhg", q, norm)
-        state = state + jnp.einsum("...khf,...khd->...hfd", k, v, precision=precision)
+        kv = kv + jnp.einsum("...khf,...khd->...hfd", k, v, precision=precision)
         norm = norm + k.sum(-3)
-        return (state, norm), (num, den)
+        return (kv, norm), (num, den)
 
-    _, (num, den) = jax.lax.scan(step, (state0, norm0), (q_c, k_c, v_c))
+    state, (num, den) = jax.lax.scan(step, state, (q_c, k_c, v_c))
 
     def merge(x):  # [chunks, ..., chunk, ...] -> [..., length, ...]
         axis = len(batch_shape)
@@ -144,4 +126,104 @@ def _causal(phi_q, phi_k, value, chunk_size, precision):
         x = x.reshape(*x.shape[:axis], chunks * chunk, *x.shape[axis + 2 :])
         return jax.lax.slice_in_dim(x, 0, length, axis=axis)
 
-    return merge(num), merge(den)
+    return merge(num), merge(den), state
+
+
+def _zero_invalid(x: jax.Array, valid: jax.Array | None, extra_axes: int) -> jax.Array:
+    """``x [*batch, n, ...]`` with the rows where ``valid [*batch, n]`` is False zeroed."""
+    if valid is None:
+        return x
+    return jnp.where(valid.reshape(*valid.shape, *(1,) * extra_axes), x, 0.0)
+
+
+def _pad_front(x: jax.Array, count: int, axis: int) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (count, 0)
+    return jnp.pad(x, widths)
+
+
+def prefix_attention(
+    call: AttentionCall, features: Callable[[jax.Array, bool], jax.Array], *, chunk_size: int
+) -> jax.Array:
+    """Feature attention on a validated call, with ``features(x, is_query) -> phi(x)``:
+    padding from its visibility, bottom-right causal for any ``q_len`` / ``kv_len`` (the
+    shorter side padded at the front with tokens that see, or count, nothing).
+
+    Returns ``[*batch, q_len, heads, v_dim]`` in the call's output dtype.
+    """
+    q_tok, k_tok = call.visibility.tokens()
+    query, key, value = call.safe_inputs()
+    phi_q = features(query, True)
+    phi_k = _zero_invalid(features(key, False), k_tok.valid, 2)
+    q_len, kv_len = query.shape[-3], key.shape[-3]
+    axis = len(call.batch_shape)
+    offset = kv_len - q_len
+    causal = call.visibility.is_causal
+    if causal and offset > 0:
+        phi_q = _pad_front(phi_q, offset, axis)
+    elif causal and offset < 0:
+        phi_k, value = _pad_front(phi_k, -offset, axis), _pad_front(value, -offset, axis)
+    out, _ = feature_attention(
+        phi_q,
+        phi_k,
+        value,
+        is_causal=causal,
+        chunk_size=chunk_size,
+        precision=call.precision,
+    )
+    out = jax.lax.slice_in_dim(out, out.shape[axis] - q_len, out.shape[axis], axis=axis)
+    return _zero_invalid(out, q_tok.valid, 2).astype(call.out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recurrence:
+    """The recurrent (decoding) form of a feature-map kernel.
+
+    Attributes:
+      features: ``(x [..., d], is_query, options) -> phi(x) [..., f]`` float32, with the
+        kernel's options (``options["scale"]`` is the logit scale).
+      feature_dim: ``(head_dim, options) -> f``.
+    """
+
+    features: Callable[[jax.Array, bool, dict[str, Any]], jax.Array]
+    feature_dim: Callable[[int, dict[str, Any]], int]
+
+    def init(
+        self, batch: int, kv_heads: int, head_dim: int, v_dim: int, options: dict[str, Any]
+    ) -> dict[str, jax.Array]:
+        """The empty state: ``{"kv": [batch, kv_heads, f, v_dim], "k": [batch, kv_heads,
+        f]}`` float32 zeros."""
+        f = self.feature_dim(head_dim, options)
+        return {
+            "kv": jnp.zeros((batch, kv_heads, f, v_dim), jnp.float32),
+            "k": jnp.zeros((batch, kv_heads, f), jnp.float32),
+        }
+
+    def step(
+        self,
+        state: dict[str, jax.Array],
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        *,
+        valid: jax.Array | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Attends ``query [batch, n, heads, d]`` causally to every key so far plus these
+        ``key`` / ``value [batch, n, kv_heads, .]`` (``valid [batch, n]``: padding that
+        must not count), and folds them into the state.
+
+        Returns ``(out [batch, n, heads, v_dim] float32, new state)``.
+        """
+        options = dict(options or {})
+        chunk_size = options.pop("chunk_size", 64)
+        if options.get("scale") is None:
+            options["scale"] = float(query.shape[-1]) ** -0.5
+        phi_q = self.features(query, True, options)
+        phi_k = _zero_invalid(self.features(key, False, options), valid, 2)
+        value = _zero_invalid(value.astype(jnp.float32), valid, 2)
+        out, (kv, k) = feature_attention(
+            phi_q, phi_k, value, is_causal=True, chunk_size=chunk_size,
+            state=(state["kv"], state["k"]),
+        )  # fmt: skip
+        return out, {"kv": kv, "k": k}

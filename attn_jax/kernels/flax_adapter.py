@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn_jax.kernels import registry
+from attn_jax.kernels import api, registry
 
 __all__ = ["flax_attention_fn"]
 
@@ -18,14 +18,18 @@ def flax_attention_fn(kernel: str | Callable[..., Any] = "dot_product", **kernel
     """Adapts a ``dot_product``-interface kernel to ``flax.linen`` attention modules.
 
     ``nn.MultiHeadDotProductAttention(attention_fn=flax_attention_fn("dot_product"), ...)``
-    behaves like flax's default attention. Flax's float masks are converted to booleans
-    (non-zero = attend), ``deterministic=True`` turns dropout off, and when flax asks for
-    the weights to be sown (``module`` given), they are stored as
-    ``('intermediates', 'attention_weights')`` like flax does.
+    behaves like flax's default attention, and so does
+    ``flax.nnx.MultiHeadAttention(attention_fn=flax_attention_fn(...))``. Flax's float masks
+    are converted to booleans (non-zero = attend), ``deterministic=True`` turns dropout off,
+    ``is_causal`` (passed by ``nnx.MultiHeadAttention``) is forwarded, and when flax asks
+    for the weights to be sown (``module`` given), they are stored as
+    ``('intermediates', 'attention_weights')`` like flax does (in NNX: ``module.sow`` of an
+    ``nnx.Intermediate``).
 
     Args:
       kernel: registry name or a kernel function with the ``dot_product`` interface.
-      **kernel_kwargs: extra fixed keyword arguments (e.g. ``is_causal=True``).
+      **kernel_kwargs: extra fixed keyword arguments (e.g. ``is_causal=True``, or
+        ``causal_alignment="top_left"`` for flax's own alignment when ``q_len != kv_len``).
 
     Returns:
       A function with flax's ``attention_fn`` signature.
@@ -48,6 +52,7 @@ def flax_attention_fn(kernel: str | Callable[..., Any] = "dot_product", **kernel
         force_fp32_for_softmax: bool = False,
         qk_attn_weights_einsum: Any = None,
         attn_weights_value_einsum: Any = None,
+        is_causal: bool = False,
     ) -> jax.Array:
         # force_fp32_for_softmax is always honoured: every attn_jax softmax runs in float32.
         del force_fp32_for_softmax
@@ -58,6 +63,8 @@ def flax_attention_fn(kernel: str | Callable[..., Any] = "dot_product", **kernel
             if value_ is not None:
                 raise ValueError(f"attn_jax kernels do not support flax argument {name!r}")
         kwargs = dict(kernel_kwargs)
+        if is_causal:
+            kwargs["is_causal"] = True
         if mask is not None:
             kwargs["mask"] = jnp.asarray(mask).astype(bool)
         if bias is not None:
@@ -78,7 +85,7 @@ def flax_attention_fn(kernel: str | Callable[..., Any] = "dot_product", **kernel
         if module is None:
             return fn(query, key, value, **kwargs)
         out, weights = fn(query, key, value, return_weights=True, **kwargs)
-        module.sow("intermediates", "attention_weights", weights)
+        api.sow_weights(module, weights)
         return out
 
     return attention_fn

@@ -8,8 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn_jax.kernels import checks, softmax_core
-from attn_jax.kernels.dot_product import prepare_softmax_inputs
+from attn_jax.kernels import api, checks, softmax_core
 from attn_jax.kernels.registry import Capabilities, register
 
 __all__ = ["SCORES", "multiplicative_attention"]
@@ -98,29 +97,33 @@ def multiplicative_attention(
         raise checks.AttentionInputError(
             "argument 'weight': only used by score='general' (got score='dot')"
         )
-    query, key, value, bias, combined, out_dtype = prepare_softmax_inputs(
+    call = api.bind(
         query,
         key,
         value,
         bias,
         mask,
+        scale=1.0,
         is_causal=is_causal,
         local_window_size=local_window_size,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        broadcast_dropout=broadcast_dropout,
         dtype=dtype,
     )
-    dropout_rate = softmax_core.dropout_rate_value(dropout_rate)
+    query, key, value = call.safe_inputs()
     logits = softmax_core.dot_logits(query, key, 1.0 if scale is None else scale, precision)
     return softmax_core.attend(
         logits,
         value,
-        bias=bias,
-        mask=combined,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        broadcast_dropout=broadcast_dropout,
-        out_dtype=out_dtype,
+        bias=call.bias,
+        mask=call.visibility.dense_mask(),
+        dropout_rate=call.dropout_rate,
+        dropout_rng=call.dropout_rng,
+        broadcast_dropout=call.broadcast_dropout,
+        out_dtype=call.out_dtype,
         precision=precision,
         return_weights=return_weights,
         return_residual=return_residual,

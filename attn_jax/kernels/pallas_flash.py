@@ -3,9 +3,11 @@
 Three ``pallas_call`` kernels: the forward pass (one program per query block, online
 softmax over key blocks, saves the log-sum-exp), and for the backward pass one kernel for
 ``dq`` (per query block) and one for ``dk, dv`` (per key block, summing over the query
-heads that share it). On GPU they compile through Triton; elsewhere they run with
-``interpret=True`` (the CPU test suite runs them at small sizes that way). Causal key
-blocks above the diagonal are skipped.
+heads that share it). Each program visits only the blocks the visibility model does not
+hide (causal, window, padding, segments: the block plan is computed once per call and
+passed in) and evaluates the visibility rule per block from the tokens' positions,
+validity and segment ids. On GPU they compile through Triton; elsewhere they run with
+``interpret=True`` (the CPU test suite runs them at small sizes that way).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from attn_jax.kernels import blockwise, checks, softmax_core
+from attn_jax.kernels import visibility as vis
+from attn_jax.kernels.api import AttentionCall, AttentionOutput
 from attn_jax.kernels.registry import Capabilities, register
+from attn_jax.kernels.visibility import Tokens
 
 __all__ = ["pallas_flash_attention"]
 
@@ -29,57 +34,44 @@ MASK_VALUE = softmax_core.MASK_VALUE
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    q_len: int
-    kv_len: int
     block_q: int
     block_k: int
     num_q_blocks: int
     num_k_blocks: int
     groups: int
+    kv_heads: int
     scale: float
     is_causal: bool
+    window: tuple[int, int] | None
+    segments: bool
     interpret: bool
 
-    @property
-    def offset(self) -> int:
-        return self.kv_len - self.q_len
+
+def _tokens(st: _Static, pos, valid, seg) -> Tokens:
+    """Tokens from loaded ``[n]`` int32 arrays (validity as 0/1)."""
+    return Tokens(pos, valid != 0, seg if st.segments else None)
 
 
-def _visible(st: _Static, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-    """``[block_q, block_k]``: real keys, and bottom-right causal when asked."""
-    ok = (k_pos[None, :] < st.kv_len) & (q_pos[:, None] < st.q_len)
-    if st.is_causal:
-        ok &= k_pos[None, :] <= q_pos[:, None] + st.offset
-    return ok
+def _visible(st: _Static, q: Tokens, k: Tokens) -> jax.Array:
+    return vis.visible(q, k, is_causal=st.is_causal, window=st.window)
 
 
-def _key_blocks_for(st: _Static, q_block: jax.Array) -> jax.Array:
-    """How many key blocks query block ``q_block`` can see (causal skipping)."""
-    if not st.is_causal:
-        return st.num_k_blocks
-    last = jnp.minimum((q_block + 1) * st.block_q, st.q_len) - 1 + st.offset
-    return jnp.clip(last // st.block_k + 1, 0, st.num_k_blocks)
-
-
-def _first_query_block(st: _Static, k_block: jax.Array) -> jax.Array:
-    """The first query block that sees key block ``k_block`` (causal skipping)."""
-    if not st.is_causal:
-        return 0
-    return jnp.clip((k_block * st.block_k - st.offset) // st.block_q, 0, st.num_q_blocks)
-
-
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
-    i = pl.program_id(2)
+def _forward_kernel(
+    plan_ref, q_ref, k_ref, v_ref, qp_ref, qv_ref, qs_ref, kp_ref, kv_ref, ks_ref,
+    o_ref, lse_ref, *, st: _Static,
+):  # fmt: skip
     q = q_ref[0, 0].astype(jnp.float32)  # [bq, d]
-    q_pos = i * st.block_q + jax.lax.iota(jnp.int32, st.block_q)
+    q_tok = _tokens(st, qp_ref[0], qv_ref[0], qs_ref[0])
 
-    def body(j, carry):
+    def body(t, carry):
         m, total, acc = carry
-        k = k_ref[0, pl.ds(j * st.block_k, st.block_k), :].astype(jnp.float32)
-        v = v_ref[0, pl.ds(j * st.block_k, st.block_k), :].astype(jnp.float32)
-        s = jnp.dot(q, k.T) * st.scale
-        visible = _visible(st, q_pos, j * st.block_k + jax.lax.iota(jnp.int32, st.block_k))
-        s = jnp.where(visible, s, MASK_VALUE)
+        j = plan_ref[0, 1 + t]
+        rows = pl.ds(j * st.block_k, st.block_k)
+        k = k_ref[0, rows, :].astype(jnp.float32)
+        v = v_ref[0, rows, :].astype(jnp.float32)
+        k_tok = _tokens(st, kp_ref[0, rows], kv_ref[0, rows], ks_ref[0, rows])
+        visible = _visible(st, q_tok, k_tok)
+        s = jnp.where(visible, jnp.dot(q, k.T) * st.scale, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
         correction = jnp.exp(m - m_new)
@@ -90,125 +82,159 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
         jnp.zeros((st.block_q,), jnp.float32),
         jnp.zeros((st.block_q, v_ref.shape[-1]), jnp.float32),
     )
-    m, total, acc = jax.lax.fori_loop(0, _key_blocks_for(st, i), body, init)
+    m, total, acc = jax.lax.fori_loop(0, plan_ref[0, 0], body, init)
     seen = total > 0
     safe = jnp.where(seen, total, 1.0)
     o_ref[0, 0] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[0, 0] = jnp.where(seen, m + jnp.log(safe), 0.0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static):
-    i = pl.program_id(2)
+def _dq_kernel(
+    plan_ref, q_ref, k_ref, v_ref, qp_ref, qv_ref, qs_ref, kp_ref, kv_ref, ks_ref,
+    do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static,
+):  # fmt: skip
     q = q_ref[0, 0].astype(jnp.float32)
     do = do_ref[0, 0].astype(jnp.float32)
     lse, delta = lse_ref[0, 0], delta_ref[0, 0]
-    q_pos = i * st.block_q + jax.lax.iota(jnp.int32, st.block_q)
+    q_tok = _tokens(st, qp_ref[0], qv_ref[0], qs_ref[0])
 
-    def body(j, dq):
-        k = k_ref[0, pl.ds(j * st.block_k, st.block_k), :].astype(jnp.float32)
-        v = v_ref[0, pl.ds(j * st.block_k, st.block_k), :].astype(jnp.float32)
-        visible = _visible(st, q_pos, j * st.block_k + jax.lax.iota(jnp.int32, st.block_k))
+    def body(t, dq):
+        j = plan_ref[0, 1 + t]
+        rows = pl.ds(j * st.block_k, st.block_k)
+        k = k_ref[0, rows, :].astype(jnp.float32)
+        v = v_ref[0, rows, :].astype(jnp.float32)
+        k_tok = _tokens(st, kp_ref[0, rows], kv_ref[0, rows], ks_ref[0, rows])
+        visible = _visible(st, q_tok, k_tok)
         p = jnp.where(visible, jnp.exp(jnp.dot(q, k.T) * st.scale - lse[:, None]), 0.0)
         ds = p * (jnp.dot(do, v.T) - delta[:, None])
         return dq + jnp.dot(ds, k) * st.scale
 
-    dq = jax.lax.fori_loop(0, _key_blocks_for(st, i), body, jnp.zeros_like(q))
+    dq = jax.lax.fori_loop(0, plan_ref[0, 0], body, jnp.zeros_like(q))
     dq_ref[0, 0] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st: _Static):
-    j = pl.program_id(1)
+def _dkv_kernel(
+    plan_ref, q_ref, k_ref, v_ref, qp_ref, qv_ref, qs_ref, kp_ref, kv_ref, ks_ref,
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st: _Static,
+):  # fmt: skip
     k = k_ref[0].astype(jnp.float32)  # [bk, d]
     v = v_ref[0].astype(jnp.float32)
-    k_pos = j * st.block_k + jax.lax.iota(jnp.int32, st.block_k)
+    k_tok = _tokens(st, kp_ref[0], kv_ref[0], ks_ref[0])
+    count = plan_ref[0, 0]
 
     def body(index, carry):
         dk, dv = carry
-        g, i = index // st.num_q_blocks, index % st.num_q_blocks
+        g, t = index // count, index % count
+        i = plan_ref[0, 1 + t]
         rows = pl.ds(i * st.block_q, st.block_q)
         q = q_ref[0, g, rows, :].astype(jnp.float32)
         do = do_ref[0, g, rows, :].astype(jnp.float32)
         lse, delta = lse_ref[0, g, rows], delta_ref[0, g, rows]
-        visible = _visible(st, i * st.block_q + jax.lax.iota(jnp.int32, st.block_q), k_pos)
+        q_tok = _tokens(st, qp_ref[0, rows], qv_ref[0, rows], qs_ref[0, rows])
+        visible = _visible(st, q_tok, k_tok)
         p = jnp.where(visible, jnp.exp(jnp.dot(q, k.T) * st.scale - lse[:, None]), 0.0)
         ds = p * (jnp.dot(do, v.T) - delta[:, None])
         return dk + jnp.dot(ds.T, q) * st.scale, dv + jnp.dot(p.T, do)
 
-    # Visit (group, query block) pairs, skipping query blocks above the causal diagonal.
-    first = _first_query_block(st, j)
-
-    def group_body(g, carry):
-        start = g * st.num_q_blocks
-        return jax.lax.fori_loop(start + first, start + st.num_q_blocks, body, carry)
-
-    dk, dv = jax.lax.fori_loop(0, st.groups, group_body, (jnp.zeros_like(k), jnp.zeros_like(v)))
+    # Every (group, visible query block) pair of this key block.
+    init = (jnp.zeros_like(k), jnp.zeros_like(v))
+    dk, dv = jax.lax.fori_loop(0, st.groups * count, body, init)
     dk_ref[0] = dk.astype(dk_ref.dtype)
     dv_ref[0] = dv.astype(dv_ref.dtype)
 
 
-def _specs(st: _Static, d: int, dv: int):
-    """BlockSpecs of q-like ``[n, g, q_pad, d]`` blocks and whole-sequence k/v."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Aux:
+    """What the kernels read besides q/k/v: the block plans (``[blocks, 1 + others]``:
+    the count of visible blocks, then their indices) and the tokens, ``[B, len]`` int32."""
+
+    plan_q: jax.Array  # per query block: visible key blocks
+    plan_k: jax.Array  # per key block: visible query blocks
+    q_tokens: tuple[jax.Array, jax.Array, jax.Array]
+    k_tokens: tuple[jax.Array, jax.Array, jax.Array]
+
+
+def _specs(st: _Static, q_pad: int, kv_pad: int, d: int, dv: int):
+    """BlockSpecs of the per-query-block grid ``(n, g, i)``: plan row, q-like blocks,
+    whole k/v, query token blocks, whole key tokens."""
+    by_batch = lambda n: n // st.kv_heads
+    plan = pl.BlockSpec((1, st.num_k_blocks + 1), lambda n, g, i: (i, 0))
     q_block = pl.BlockSpec((1, 1, st.block_q, d), lambda n, g, i: (n, g, i, 0))
     o_block = pl.BlockSpec((1, 1, st.block_q, dv), lambda n, g, i: (n, g, i, 0))
     row_block = pl.BlockSpec((1, 1, st.block_q), lambda n, g, i: (n, g, i))
-    kv_len = st.num_k_blocks * st.block_k
-    k_whole = pl.BlockSpec((1, kv_len, d), lambda n, g, i: (n, 0, 0))
-    v_whole = pl.BlockSpec((1, kv_len, dv), lambda n, g, i: (n, 0, 0))
-    return q_block, o_block, row_block, k_whole, v_whole
+    k_whole = pl.BlockSpec((1, kv_pad, d), lambda n, g, i: (n, 0, 0))
+    v_whole = pl.BlockSpec((1, kv_pad, dv), lambda n, g, i: (n, 0, 0))
+    q_tok = pl.BlockSpec((1, st.block_q), lambda n, g, i: (by_batch(n), i))
+    k_tok = pl.BlockSpec((1, kv_pad), lambda n, g, i: (by_batch(n), 0))
+    inputs = [plan, q_block, k_whole, v_whole, *[q_tok] * 3, *[k_tok] * 3]
+    return inputs, o_block, row_block
 
 
-def _forward(st: _Static, q, k, v):
+def _forward(st: _Static, q, k, v, aux: _Aux):
     n, g, q_pad, d = q.shape
-    dv = v.shape[-1]
-    q_block, o_block, row_block, k_whole, v_whole = _specs(st, d, dv)
+    kv_pad, dv = k.shape[1], v.shape[-1]
+    in_specs, o_block, row_block = _specs(st, q_pad, kv_pad, d, dv)
     return pl.pallas_call(
         functools.partial(_forward_kernel, st=st),
         out_shape=(_out((n, g, q_pad, dv), q.dtype, q), _out((n, g, q_pad), jnp.float32, q)),
         grid=(n, g, st.num_q_blocks),
-        in_specs=[q_block, k_whole, v_whole],
+        in_specs=in_specs,
         out_specs=[o_block, row_block],
         interpret=st.interpret,
-    )(q, k, v)
+    )(aux.plan_q, q, k, v, *aux.q_tokens, *aux.k_tokens)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st: _Static, q, k, v):
-    return _forward(st, q, k, v)[0]
+def _attention(st: _Static, q, k, v, aux):
+    return _forward(st, q, k, v, aux)[0]
 
 
-def _attention_fwd(st, q, k, v):
-    out, lse = _forward(st, q, k, v)
-    return out, (q, k, v, out, lse)
+def _attention_fwd(st, q, k, v, aux):
+    out, lse = _forward(st, q, k, v, aux)
+    return out, (q, k, v, aux, out, lse)
 
 
 def _attention_bwd(st, residuals, d_out):
-    q, k, v, out, lse = residuals
+    q, k, v, aux, out, lse = residuals
     n, g, q_pad, d = q.shape
-    dv = v.shape[-1]
+    kv_pad, dv = k.shape[1], v.shape[-1]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    q_block, o_block, row_block, k_whole, v_whole = _specs(st, d, dv)
+    in_specs, o_block, row_block = _specs(st, q_pad, kv_pad, d, dv)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st),
         out_shape=_out(q.shape, q.dtype, q),
         grid=(n, g, st.num_q_blocks),
-        in_specs=[q_block, k_whole, v_whole, o_block, row_block, row_block],
-        out_specs=q_block,
+        in_specs=[*in_specs, o_block, row_block, row_block],
+        out_specs=in_specs[1],
         interpret=st.interpret,
-    )(q, k, v, d_out, lse, delta)
-    q_whole = pl.BlockSpec((1, g, q_pad, d), lambda n, j: (n, 0, 0, 0))
-    do_whole = pl.BlockSpec((1, g, q_pad, dv), lambda n, j: (n, 0, 0, 0))
-    rows_whole = pl.BlockSpec((1, g, q_pad), lambda n, j: (n, 0, 0))
+    )(aux.plan_q, q, k, v, *aux.q_tokens, *aux.k_tokens, d_out, lse, delta)
+    by_batch = lambda n: n // st.kv_heads
+    whole = lambda *shape: pl.BlockSpec((1, *shape), lambda n, j: (n,) + (0,) * len(shape))
     k_block = pl.BlockSpec((1, st.block_k, d), lambda n, j: (n, j, 0))
     v_block = pl.BlockSpec((1, st.block_k, dv), lambda n, j: (n, j, 0))
+    q_tok = pl.BlockSpec((1, q_pad), lambda n, j: (by_batch(n), 0))
+    k_tok = pl.BlockSpec((1, st.block_k), lambda n, j: (by_batch(n), j))
+    plan = pl.BlockSpec((1, st.num_q_blocks + 1), lambda n, j: (j, 0))
     dk, dv_ = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
         out_shape=(_out(k.shape, k.dtype, k), _out(v.shape, v.dtype, v)),
         grid=(n, st.num_k_blocks),
-        in_specs=[q_whole, k_block, v_block, do_whole, rows_whole, rows_whole],
+        in_specs=[
+            plan,
+            whole(g, q_pad, d),
+            k_block,
+            v_block,
+            *[q_tok] * 3,
+            *[k_tok] * 3,
+            whole(g, q_pad, dv),
+            whole(g, q_pad),
+            whole(g, q_pad),
+        ],
         out_specs=[k_block, v_block],
         interpret=st.interpret,
-    )(q, k, v, d_out, lse, delta)
-    return dq, dk, dv_
+    )(aux.plan_k, q, k, v, *aux.q_tokens, *aux.k_tokens, d_out, lse, delta)
+    return dq, dk, dv_, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -221,60 +247,78 @@ def _out(shape: tuple[int, ...], dtype: Any, like: jax.Array) -> jax.ShapeDtypeS
     )
 
 
-@register("pallas_flash", capabilities=Capabilities(causal=True, gqa=True))
+def _plan_rows(order: jax.Array, count: jax.Array) -> jax.Array:
+    """``[blocks, 1 + others]`` int32: the count, then the visible blocks' indices."""
+    return jnp.concatenate([count[:, None], order], axis=1).astype(jnp.int32)
+
+
+@register(
+    "pallas_flash",
+    capabilities=Capabilities(
+        causal=True, window=True, seq_lengths=True, segments=True, positions=True, gqa=True
+    ),
+)
 def pallas_flash_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
+    call: AttentionCall,
     *,
-    scale: float | None = None,
-    is_causal: bool = False,
     block_q: int = 64,
     block_k: int = 64,
     interpret: bool | None = None,
-) -> jax.Array:
+) -> AttentionOutput:
     """Flash attention in Pallas: exact, memory linear in length, forward and backward.
+    No dense ``mask`` or ``bias`` (use ``flash``), no dropout or returned weights.
 
-    Args:
-      query: ``[batch..., q_len, heads, head_dim]``.
-      key: ``[batch..., kv_len, kv_heads, head_dim]`` (GQA: ``heads % kv_heads == 0``).
-      value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
-      bias, mask: not supported (raise ``ValueError``); use ``flash`` for them.
-      is_causal: bottom-right causal, as every kernel here; hidden key blocks are skipped.
+    Options:
       block_q, block_k: block sizes (clipped to the padded lengths; use powers of two
         >= 16 on GPU).
       interpret: run the kernels in the Pallas interpreter (default: when the backend is
         not a GPU).
-
-    Returns:
-      ``[batch..., q_len, heads, v_head_dim]`` in the query's dtype.
     """
-    for name, given in (("bias", bias), ("mask", mask)):
-        if given is not None:
-            raise ValueError(f"pallas_flash: argument '{name}' is not supported; use 'flash'")
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    checks.check_qkv(query, key, value)
-    checks.check_same_dtype(query, key, value)
+    checks.check_same_dtype(call.query, call.key, call.value)
     checks.check_block_sizes(block_q=block_q, block_k=block_k)
-    batch_shape = query.shape[:-3]
+    query, key, value = call.safe_inputs()
+    batch_shape = call.batch_shape
     q_len, heads, d = query.shape[-3:]
     kv_len, kv_heads = key.shape[-3:-1]
     groups = heads // kv_heads
     batch = math.prod(batch_shape)
     bq, bk = min(block_q, _round_up(q_len, 8)), min(block_k, _round_up(kv_len, 8))
     nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    q_tok, k_tok = call.visibility.tokens()
+    q_tok = blockwise.canonical_tokens(q_tok, batch_shape, q_len, nq * bq)
+    k_tok = blockwise.canonical_tokens(k_tok, batch_shape, kv_len, nk * bk)
+    classes = vis.block_classes(
+        q_tok,
+        k_tok,
+        None,
+        block_q=bq,
+        block_k=bk,
+        is_causal=call.visibility.is_causal,
+        window=call.visibility.window,
+    )
+
+    def as_ints(t: Tokens):
+        zeros = jnp.zeros_like(t.positions)
+        segments = zeros if t.segment_ids is None else t.segment_ids
+        return t.positions, t.valid.astype(jnp.int32), segments
+
+    aux = _Aux(
+        _plan_rows(*vis.visible_blocks(classes)),
+        _plan_rows(*vis.visible_blocks(classes.T)),
+        as_ints(q_tok),
+        as_ints(k_tok),
+    )
     st = _Static(
-        q_len=q_len,
-        kv_len=kv_len,
         block_q=bq,
         block_k=bk,
         num_q_blocks=nq,
         num_k_blocks=nk,
         groups=groups,
-        scale=float(1.0 / math.sqrt(d) if scale is None else scale),
-        is_causal=bool(is_causal),
+        kv_heads=kv_heads,
+        scale=call.scale,
+        is_causal=call.visibility.is_causal,
+        window=call.visibility.window,
+        segments=call.visibility.query_segment_ids is not None,
         interpret=jax.default_backend() != "gpu" if interpret is None else bool(interpret),
     )
     # [batch..., len, heads, d] -> [batch * kv_heads, groups, len, d]
@@ -284,9 +328,9 @@ def pallas_flash_attention(
     k = blockwise.pad_to(k.reshape(batch * kv_heads, kv_len, d), 1, nk * bk)
     v = value.reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
     v = blockwise.pad_to(v.reshape(batch * kv_heads, kv_len, -1), 1, nk * bk)
-    out = _attention(st, q, k, v)[:, :, :q_len]
+    out = _attention(st, q, k, v, aux)[:, :, :q_len]
     out = out.reshape(batch, kv_heads, groups, q_len, -1).transpose(0, 3, 1, 2, 4)
-    return out.reshape(*batch_shape, q_len, heads, -1)
+    return AttentionOutput(out.reshape(*batch_shape, q_len, heads, -1).astype(call.out_dtype))
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -2,7 +2,8 @@
 features whose inner products estimate ``exp(q . k * scale)`` without bias, so the output
 approaches exact softmax attention as the number of features grows. O(N) time and memory.
 
-The random projection comes only from the explicit ``rng`` key: same key, same features.
+The random projection comes only from the explicit ``rng`` key (same key, same features) or
+is passed in drawn (``projection=``: what models keep in their parameters).
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn_jax.kernels.feature_maps import check_feature_inputs, feature_attention
+from attn_jax.kernels import checks
+from attn_jax.kernels.api import AttentionCall, AttentionOutput
+from attn_jax.kernels.feature_maps import Recurrence, prefix_attention
 from attn_jax.kernels.registry import Capabilities, register
 
-__all__ = ["orthogonal_features", "performer_attention", "positive_features"]
+__all__ = [
+    "PERFORMER_RECURRENCE",
+    "orthogonal_features",
+    "performer_attention",
+    "positive_features",
+]
 
 
 def _orthonormal_rows(matrices: jax.Array) -> jax.Array:
@@ -78,72 +86,68 @@ def positive_features(x: jax.Array, projection: jax.Array, *, is_query: bool) ->
     return jnp.exp(logits) / math.sqrt(projection.shape[0])
 
 
+def _projection(options: dict[str, Any], dim: int) -> jax.Array:
+    projection, rng = options.get("projection"), options.get("rng")
+    num_features = options.get("num_features", 256)
+    if (projection is None) == (rng is None):
+        raise checks.AttentionInputError(
+            "argument 'rng': pass exactly one of 'rng' (a jax.random key drawing the "
+            "features) and 'projection' (features already drawn)"
+        )
+    if projection is not None:
+        projection = jnp.asarray(projection, jnp.float32)
+        if projection.ndim != 2 or projection.shape[1] != dim:
+            checks.fail("projection", f"expected [num_features, {dim}], got {projection.shape}")
+        return projection
+    if not isinstance(num_features, int) or num_features < 1:
+        checks.fail("num_features", f"must be an integer >= 1, got {num_features!r}")
+    return orthogonal_features(rng, num_features, dim)
+
+
+def _features(x: jax.Array, is_query: bool, options: dict[str, Any]) -> jax.Array:
+    root = math.sqrt(options["scale"])
+    return positive_features(x * root, _projection(options, x.shape[-1]), is_query=is_query)
+
+
+def _feature_dim(head_dim: int, options: dict[str, Any]) -> int:
+    if options.get("projection") is not None:
+        return int(jnp.shape(options["projection"])[0])
+    return int(options.get("num_features", 256))
+
+
+PERFORMER_RECURRENCE = Recurrence(_features, _feature_dim)
+
+
 @register(
     "performer",
-    capabilities=Capabilities(causal=True, seq_lengths=True, gqa=True, exact=False),
+    capabilities=Capabilities(
+        causal=True, seq_lengths=True, gqa=True, exact=False, decode="recurrent"
+    ),
+    recurrent=PERFORMER_RECURRENCE,
 )
 def performer_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
+    call: AttentionCall,
     *,
     rng: jax.Array | None = None,
+    projection: jax.Array | None = None,
     num_features: int = 256,
-    scale: float | None = None,
-    is_causal: bool = False,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
     chunk_size: int = 64,
-    precision: Any = None,
-) -> jax.Array:
+) -> AttentionOutput:
     """Softmax attention estimated with ``num_features`` positive orthogonal random
-    features (FAVOR+).
+    features (FAVOR+). Causal is bottom-right (any ``q_len`` / ``kv_len``); masks, biases,
+    windows, segments, explicit positions and dropout raise ``ValueError`` (no
+    random-feature form).
 
-    Args:
-      query: ``[batch..., q_len, heads, head_dim]``.
-      key: ``[batch..., kv_len, kv_heads, head_dim]`` (GQA: ``heads % kv_heads == 0``).
-      value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
-      rng: ``jax.random`` key drawing the projection (required; redraw it to resample).
-      num_features: random features ``m``; the estimate's variance shrinks as ``1/m``.
-      scale: logit scale (default ``1 / sqrt(head_dim)``).
-      is_causal: ``j <= i`` (needs ``q_len == kv_len``).
-      query_seq_lengths, key_value_seq_lengths: ``[batch...]`` padding lengths.
-
-    Masks, biases, windows and dropout raise ``ValueError`` (no random-feature form).
-
-    Returns:
-      ``[batch..., q_len, heads, v_head_dim]`` in the query's dtype.
+    Options:
+      rng: ``jax.random`` key drawing the projection (redraw it to resample), or
+      projection: the drawn ``[num_features, head_dim]`` projection itself
+        (:func:`orthogonal_features`), e.g. a model's fixed features.
+      num_features: random features ``m`` (with ``rng``); the variance shrinks as ``1/m``.
+      chunk_size: causal chunk length.
     """
-    check_feature_inputs(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        kernel="performer",
-    )
-    if rng is None:
-        raise ValueError("performer: argument 'rng' (a jax.random key) is required")
-    if not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"performer: argument 'num_features' must be >= 1, got {num_features}")
-    dim = query.shape[-1]
-    root = math.sqrt(1.0 / math.sqrt(dim) if scale is None else scale)
-    projection = orthogonal_features(rng, num_features, dim)
-    phi_q = positive_features(query * root, projection, is_query=True)
-    phi_k = positive_features(key * root, projection, is_query=False)
-    out = feature_attention(
-        phi_q,
-        phi_k,
-        value,
-        is_causal=is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        chunk_size=chunk_size,
-        precision=precision,
-    )
-    return out.astype(query.dtype)
+    options = {"rng": rng, "projection": projection, "num_features": num_features}
+    options["scale"] = call.scale
+    options["projection"] = _projection(options, call.query.shape[-1])  # drawn once
+    options["rng"] = None
+    features = lambda x, is_query: _features(x, is_query, options)
+    return AttentionOutput(prefix_attention(call, features, chunk_size=chunk_size))

@@ -47,33 +47,67 @@ def full_mask(
     local_window_size: int | Sequence[int] | None = None,
     query_seq_lengths: Any = None,
     key_value_seq_lengths: Any = None,
+    query_segment_ids: Any = None,
+    key_value_segment_ids: Any = None,
+    query_positions: Any = None,
+    key_value_positions: Any = None,
+    causal_alignment: str = "bottom_right",
 ) -> np.ndarray:
     """Boolean ``[batch..., heads, q_len, kv_len]``: which key each query may attend to.
 
-    Query ``i`` sits at key position ``i + kv_len - q_len`` (bottom-right alignment).
+    Straight from the definitions, in NumPy: query ``i`` sits at position
+    ``query_positions[..., i]`` (default ``i + kv_len - q_len``, or ``i`` top-left), key
+    ``j`` at ``key_value_positions[..., j]`` (default ``j``).
     """
+    batch_shape = tuple(batch_shape)
     shape = (*batch_shape, heads, q_len, kv_len)
     allowed = np.ones(shape, bool)
     if mask is not None:
         allowed &= np.broadcast_to(np.asarray(mask, bool), shape)
-    i = np.arange(q_len)[:, None] + (kv_len - q_len)
-    j = np.arange(kv_len)[None, :]
-    if is_causal:
-        allowed &= j <= i
+    offset = kv_len - q_len if causal_alignment == "bottom_right" else 0
+    q_pos = np.broadcast_to(
+        np.arange(q_len) + offset if query_positions is None else np.asarray(query_positions),
+        (*batch_shape, q_len),
+    )
+    k_pos = np.broadcast_to(
+        np.arange(kv_len) if key_value_positions is None else np.asarray(key_value_positions),
+        (*batch_shape, kv_len),
+    )
+    if query_segment_ids is not None and key_value_segment_ids is None:
+        key_value_segment_ids = query_segment_ids
     if local_window_size is not None:
         if isinstance(local_window_size, int | np.integer):
             left = right = int(local_window_size)
         else:
             left, right = local_window_size
-        allowed &= (j >= i - left) & (j <= i + right)
-    if query_seq_lengths is not None:
-        q_lens = np.broadcast_to(np.asarray(query_seq_lengths), tuple(batch_shape))
-        rows = np.arange(q_len) < q_lens[..., None]  # [batch..., q_len]
-        allowed &= rows[..., None, :, None]
-    if key_value_seq_lengths is not None:
-        kv_lens = np.broadcast_to(np.asarray(key_value_seq_lengths), tuple(batch_shape))
-        cols = np.arange(kv_len) < kv_lens[..., None]  # [batch..., kv_len]
-        allowed &= cols[..., None, None, :]
+    q_lens = None if query_seq_lengths is None else np.broadcast_to(query_seq_lengths, batch_shape)
+    kv_lens = (
+        None
+        if key_value_seq_lengths is None
+        else np.broadcast_to(key_value_seq_lengths, batch_shape)
+    )
+    q_seg = (
+        None
+        if query_segment_ids is None
+        else np.broadcast_to(query_segment_ids, (*batch_shape, q_len))
+    )
+    k_seg = (
+        None
+        if key_value_segment_ids is None
+        else np.broadcast_to(key_value_segment_ids, (*batch_shape, kv_len))
+    )
+    p = q_pos[..., None, :, None]  # [batch..., 1 (heads), q_len, 1]
+    r = k_pos[..., None, None, :]  # [batch..., 1, 1, kv_len]
+    if is_causal:
+        allowed &= r <= p
+    if local_window_size is not None:
+        allowed &= (r >= p - left) & (r <= p + right)
+    if q_lens is not None:
+        allowed &= (np.arange(q_len) < q_lens[..., None])[..., None, :, None]
+    if kv_lens is not None:
+        allowed &= (np.arange(kv_len) < kv_lens[..., None])[..., None, None, :]
+    if q_seg is not None:
+        allowed &= q_seg[..., None, :, None] == k_seg[..., None, None, :]
     return allowed
 
 

@@ -1,19 +1,32 @@
 """Registry of attention kernels: select any kernel by name, know what it supports.
 
-A kernel is registered with :func:`register`, which wraps it so that an argument the
-kernel cannot honour raises a ``ValueError`` that names the argument instead of being
-silently ignored. Third-party code registers its own kernels the same way::
+Two kinds of kernel register here.
 
-    from attn_jax import kernels
+*Core* kernels (every ``dot_product`` kernel of attn_jax) take one validated
+:class:`~attn_jax.kernels.api.AttentionCall` and their own options::
 
-    @kernels.register("my_kernel", capabilities=kernels.Capabilities(mask=True))
+    @register("my_core", capabilities=Capabilities(mask=True, causal=True))
+    def my_attention(call, *, block: int = 64):
+        mask = call.visibility.dense_mask()  # who sees whom, in the kernel's own form
+        ...
+        return AttentionOutput(out)
+
+``register`` returns their public function: the ``jax.nn.dot_product_attention`` signature
+(plus the options), which goes through the front end
+(:func:`attn_jax.kernels.dot_product_attention`): arguments are checked once there and the
+kernel implements only its core.
+
+*Plain* kernels are any function with the ``jax.nn`` signature (third-party code)::
+
+    @register("my_kernel", capabilities=Capabilities(mask=True))
     def my_kernel(query, key, value, mask=None, *, scale=None):
         ...
 
-    out = kernels.get("my_kernel")(q, k, v, mask=m)
+    out = get("my_kernel")(q, k, v, mask=m)
 
-Kernels with ``interface="dot_product"`` take ``(query, key, value, bias=None, mask=None,
-**options)`` with the layout of ``jax.nn.dot_product_attention`` and are checked by the
+Either way an argument outside the kernel's capabilities raises
+:class:`~attn_jax.kernels.checks.UnsupportedArgumentError` (a ``ValueError``) naming it,
+instead of being silently ignored. ``interface="dot_product"`` kernels are checked by the
 conformance suite in ``tests/kernels`` automatically (the exact ones against the float64
 reference).
 """
@@ -28,7 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from attn_jax.kernels.checks import UnsupportedArgumentError
+
 __all__ = [
+    "DECODE_FORMS",
     "Capabilities",
     "KernelSpec",
     "available",
@@ -40,16 +56,21 @@ __all__ = [
 ]
 
 # Capability name -> the keyword arguments it governs.
-_CAPABILITY_ARGUMENTS: dict[str, tuple[str, ...]] = {
+CAPABILITY_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "mask": ("mask",),
     "bias": ("bias",),
     "causal": ("is_causal",),
     "window": ("local_window_size",),
     "seq_lengths": ("query_seq_lengths", "key_value_seq_lengths"),
+    "segments": ("query_segment_ids", "key_value_segment_ids"),
+    "positions": ("query_positions", "key_value_positions", "causal_alignment"),
     "dropout": ("dropout_rate",),
     "weights": ("return_weights",),
     "residual": ("return_residual",),
 }
+# How a model layer decodes with the kernel: a KV cache it reads with query positions, a
+# rolling cache of the last ``left + 1`` positions (sliding window), or a recurrent state.
+DECODE_FORMS = ("kv_cache", "rolling_cache", "recurrent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +80,12 @@ class Capabilities:
     Attributes:
       mask: boolean ``mask`` argument.
       bias: additive ``bias`` argument.
-      causal: ``is_causal=True`` (bottom-right aligned).
+      causal: ``is_causal=True``.
       window: ``local_window_size=(left, right)``.
       seq_lengths: ``query_seq_lengths`` / ``key_value_seq_lengths`` padding.
+      segments: ``query_segment_ids`` / ``key_value_segment_ids`` (packed sequences).
+      positions: explicit ``query_positions`` / ``key_value_positions`` and
+        ``causal_alignment="top_left"`` (what decoding from a KV cache uses).
       dropout: ``dropout_rate > 0`` with an explicit ``dropout_rng``.
       gqa: fewer key/value heads than query heads (grouped- or multi-query attention).
       weights: ``return_weights=True`` returns ``[batch..., heads, q_len, kv_len]`` weights.
@@ -71,6 +95,10 @@ class Capabilities:
       interface: calling convention. ``"dot_product"`` kernels share the signature of
         ``jax.nn.dot_product_attention``; other kernels (``"additive"``,
         ``"multiplicative"``, ``"pooling"``) document their own.
+      decode: how models decode with it (:data:`DECODE_FORMS`): ``"kv_cache"`` (needs
+        ``positions`` and ``seq_lengths``, or else ``mask``: the layer then passes a dense
+        mask), ``"rolling_cache"`` or ``"recurrent"`` (the registration names the
+        recurrent form).
     """
 
     mask: bool = False
@@ -78,12 +106,15 @@ class Capabilities:
     causal: bool = False
     window: bool = False
     seq_lengths: bool = False
+    segments: bool = False
+    positions: bool = False
     dropout: bool = False
     gqa: bool = False
     weights: bool = False
     residual: bool = False
     exact: bool = True
     interface: str = "dot_product"
+    decode: str = "kv_cache"
 
     @classmethod
     def coerce(cls, value: Capabilities | Mapping[str, Any] | Iterable[str]) -> Capabilities:
@@ -106,7 +137,12 @@ class Capabilities:
                 f"register: argument 'capabilities' has unknown fields {unknown}; "
                 f"known: {sorted(fields)}"
             )
-        return cls(**items)
+        caps = cls(**items)
+        if caps.decode not in DECODE_FORMS:
+            raise ValueError(
+                f"register: capability 'decode' must be one of {DECODE_FORMS}, got {caps.decode!r}"
+            )
+        return caps
 
     def supported(self) -> list[str]:
         """Names of the optional features this kernel supports."""
@@ -119,42 +155,61 @@ class Capabilities:
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    """A registered kernel: its name, the checked callable, and its capabilities."""
+    """A registered kernel.
+
+    Attributes:
+      name: registry name.
+      fn: the public function (``jax.nn`` signature; unsupported arguments raise).
+      capabilities: what it supports.
+      core: for core kernels, ``core(call, **options)``; ``None`` for plain kernels.
+      options: the names of the core's own keyword options (block sizes, ...).
+      recurrent: for ``decode="recurrent"`` kernels, their recurrent form (an object with
+        ``init(...)`` and ``step(...)``, see :mod:`attn_jax.kernels.feature_maps`).
+    """
 
     name: str
     fn: Callable[..., Any]
     capabilities: Capabilities
+    core: Callable[..., Any] | None = None
+    options: tuple[str, ...] = ()
+    recurrent: Any = None
 
 
 _REGISTRY: dict[str, KernelSpec] = {}
 
 
-def _is_active(argument: str, value: Any) -> bool:
+def is_active(argument: str, value: Any) -> bool:
     """Whether ``value`` asks for the feature behind ``argument`` (``None``/off is inactive)."""
     if argument == "dropout_rate" and isinstance(value, int | float | np.number):
         return float(value) != 0.0
+    if argument == "causal_alignment":
+        return value != "bottom_right"
     return value is not None and value is not False
 
 
+def refusal(name: str, caps: Capabilities, argument: str, capability: str) -> str:
+    return (
+        f"attention kernel {name!r} does not support argument {argument!r} "
+        f"(capability {capability!r}); it supports {caps.supported()}"
+    )
+
+
 def _checked(name: str, fn: Callable[..., Any], caps: Capabilities) -> Callable[..., Any]:
-    """Wraps ``fn`` so unsupported arguments raise instead of being dropped."""
+    """Wraps a plain kernel ``fn`` so unsupported arguments raise instead of being dropped."""
     signature = inspect.signature(fn)
     parameters = signature.parameters
     takes_var_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    governed = {arg: cap for cap, args in _CAPABILITY_ARGUMENTS.items() for arg in args}
+    governed = {arg: cap for cap, args in CAPABILITY_ARGUMENTS.items() for arg in args}
 
     def refuse(arg: str) -> None:
         cap = governed.get(arg)
         if cap is not None and not getattr(caps, cap):
-            raise ValueError(
-                f"attention kernel {name!r} does not support argument {arg!r} "
-                f"(capability {cap!r}); it supports {caps.supported()}"
-            )
-        raise ValueError(f"attention kernel {name!r} has no argument {arg!r}")
+            raise UnsupportedArgumentError(refusal(name, caps, arg, cap))
+        raise UnsupportedArgumentError(f"attention kernel {name!r} has no argument {arg!r}")
 
     def check(arg: str, value: Any) -> None:
         cap = governed.get(arg)
-        if cap is not None and not getattr(caps, cap) and _is_active(arg, value):
+        if cap is not None and not getattr(caps, cap) and is_active(arg, value):
             refuse(arg)
 
     @functools.wraps(fn)
@@ -165,7 +220,7 @@ def _checked(name: str, fn: Callable[..., Any], caps: Capabilities) -> Callable[
             unsupported = arg in governed and not getattr(caps, governed[arg])
             if (takes_var_kwargs or arg in parameters) and not unsupported:
                 passed[arg] = value
-            elif _is_active(arg, value):
+            elif is_active(arg, value):
                 refuse(arg)
             # else: an inactive argument for a feature the kernel lacks is a no-op: dropped.
         bound = signature.bind_partial(*args, **passed).arguments
@@ -176,7 +231,7 @@ def _checked(name: str, fn: Callable[..., Any], caps: Capabilities) -> Callable[
             query, key = bound.get("query"), bound.get("key")
             q_heads, kv_heads = np.shape(query)[-2:-1], np.shape(key)[-2:-1]
             if q_heads and kv_heads and q_heads != kv_heads:
-                raise ValueError(
+                raise UnsupportedArgumentError(
                     f"attention kernel {name!r} does not support grouped-query attention: "
                     f"argument 'key' has {kv_heads[0]} heads but 'query' has {q_heads[0]}"
                 )
@@ -187,11 +242,28 @@ def _checked(name: str, fn: Callable[..., Any], caps: Capabilities) -> Callable[
     return wrapper
 
 
+def _is_core(fn: Callable[..., Any]) -> bool:
+    parameters = list(inspect.signature(fn).parameters)
+    return bool(parameters) and parameters[0] == "call"
+
+
+def _core_options(name: str, core: Callable[..., Any]) -> tuple[str, ...]:
+    parameters = list(inspect.signature(core).parameters.values())[1:]
+    for p in parameters:
+        if p.kind is not p.KEYWORD_ONLY:
+            raise ValueError(
+                f"register: kernel {name!r}: options after 'call' must be keyword-only, "
+                f"got {p.name!r}"
+            )
+    return tuple(p.name for p in parameters)
+
+
 def register(
     name: str,
     capabilities: Capabilities | Mapping[str, Any] | Iterable[str] | None = None,
     *,
     override: bool = False,
+    recurrent: Any = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering an attention kernel under ``name``.
 
@@ -201,22 +273,35 @@ def register(
         fields (``{"mask": True, "exact": False}``) or feature names (``{"mask", "causal"}``);
         arguments outside it raise ``ValueError``. Default: no optional feature, exact.
       override: replace an existing registration of the same name.
+      recurrent: the recurrent form of a ``decode="recurrent"`` kernel.
 
     Returns:
-      A decorator returning the checked kernel (the function callers should use).
+      A decorator returning the kernel's public function (what callers should use): a
+      core kernel (first parameter ``call``) bound to the front end, or a plain kernel
+      wrapped so that unsupported arguments raise.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register: argument 'name' must be a non-empty string, got {name!r}")
     capabilities = Capabilities() if capabilities is None else Capabilities.coerce(capabilities)
+    if capabilities.decode == "recurrent" and recurrent is None:
+        raise ValueError(f"register: kernel {name!r} decodes 'recurrent' but gives no recurrent")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY and not override:
             raise ValueError(
                 f"attention kernel {name!r} is already registered; pass override=True to replace"
             )
-        checked = _checked(name, fn, capabilities)
-        _REGISTRY[name] = KernelSpec(name=name, fn=checked, capabilities=capabilities)
-        return checked
+        if _is_core(fn):
+            from attn_jax.kernels import api  # the front end imports this module
+
+            options = _core_options(name, fn)
+            public = api.bind_kernel(name, fn, options)
+            entry = KernelSpec(name, public, capabilities, fn, options, recurrent)
+        else:
+            public = _checked(name, fn, capabilities)
+            entry = KernelSpec(name, public, capabilities, recurrent=recurrent)
+        _REGISTRY[name] = entry
+        return public
 
     return decorator
 
@@ -231,7 +316,7 @@ def spec(name: str) -> KernelSpec:
     """The :class:`KernelSpec` registered as ``name``; ``ValueError`` naming the choices if none."""
     try:
         return _REGISTRY[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown attention kernel {name!r}; available: {', '.join(available())}"
         ) from None

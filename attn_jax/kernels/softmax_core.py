@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn_jax import masks
 from attn_jax.kernels import checks
 
 # Large finite negative fill for masked logits (float32 softmax; -inf would give NaN rows,
@@ -54,34 +53,6 @@ def dot_logits(query: jax.Array, key: jax.Array, scale: float, precision: Any = 
     return logits * jnp.float32(scale)
 
 
-def build_mask(
-    mask: jax.Array | None,
-    *,
-    q_len: int,
-    kv_len: int,
-    is_causal: bool = False,
-    local_window_size: tuple[int, int] | None = None,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-) -> jax.Array | None:
-    """Combines the user mask with causal, window and padding masks (bottom-right aligned).
-
-    Returns a boolean array broadcastable to ``[batch..., heads, q_len, kv_len]``, or
-    ``None`` when nothing is masked.
-    """
-    padding = None
-    if query_seq_lengths is not None or key_value_seq_lengths is not None:
-        padding = masks.padding_mask(
-            key_value_seq_lengths, kv_len, query_lengths=query_seq_lengths, q_len=q_len
-        )
-    return masks.combine_masks(
-        mask,
-        masks.causal_mask(q_len, kv_len) if is_causal else None,
-        masks.window_mask(q_len, kv_len, *local_window_size) if local_window_size else None,
-        padding,
-    )
-
-
 def dropout_weights(
     weights: jax.Array, rate: float, rng: jax.Array | None, *, broadcast: bool = False
 ) -> jax.Array:
@@ -97,19 +68,6 @@ def dropout_weights(
     shape = (1,) * (weights.ndim - 2) + weights.shape[-2:] if broadcast else weights.shape
     keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
     return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
-
-
-def dropout_rate_value(rate: Any) -> float:
-    """``rate`` as a Python float in ``[0, 1)`` (numpy and concrete 0-d jax scalars too)."""
-    try:
-        value = float(rate)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        value = None
-    if value is None or np.ndim(rate) != 0 or not 0.0 <= value < 1.0:
-        raise checks.AttentionInputError(
-            f"argument 'dropout_rate': expected a concrete float in [0, 1), got {rate!r}"
-        )
-    return value
 
 
 def attend(

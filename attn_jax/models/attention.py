@@ -1,21 +1,51 @@
-"""Multi-head attention layer whose kernel is chosen by registry name."""
+"""Multi-head attention layer whose kernel is a registry name or a flax-style callable."""
 
 from __future__ import annotations
 
 import inspect
-import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
-from attn_jax import kernels, masks
+from attn_jax import kernels
+from attn_jax.kernels import visibility as vis
+from attn_jax.kernels.performer import orthogonal_features
+from attn_jax.models import kv_cache
 from attn_jax.models.positions import apply_rope
 
-__all__ = ["MultiHeadAttention"]
+__all__ = ["VISIBILITY_KWARGS", "MultiHeadAttention", "freeze_kwargs"]
+
+# attention_kwargs that say who sees whom (the rest are the kernel's own options).
+VISIBILITY_KWARGS = ("local_window_size", "causal_alignment")
+
+
+def freeze_kwargs(kwargs: Mapping[str, Any] | None) -> FrozenDict | None:
+    """``kwargs`` as an immutable, hashable mapping (lists become tuples), so modules and
+    options holding them can be static arguments of ``jax.jit``."""
+    if kwargs is None:
+        return None
+
+    def frozen(value):
+        if isinstance(value, list | tuple):
+            return tuple(frozen(v) for v in value)
+        if isinstance(value, Mapping):
+            return FrozenDict({k: frozen(v) for k, v in value.items()})
+        return value
+
+    out = FrozenDict({str(k): frozen(v) for k, v in dict(kwargs).items()})
+    try:
+        hash(out)
+    except TypeError as error:
+        raise ValueError(
+            f"attention_kwargs: every value must be hashable (numbers, strings, tuples, "
+            f"functions), got {dict(kwargs)!r}: {error}"
+        ) from None
+    return out
 
 
 class MultiHeadAttention(nn.Module):
@@ -26,9 +56,16 @@ class MultiHeadAttention(nn.Module):
       num_kv_heads: key/value heads (default ``num_heads``); ``num_heads % num_kv_heads == 0``.
       head_dim: features per head (default ``inputs_q.shape[-1] // num_heads``).
       out_features: output features (default: those of ``inputs_q``).
-      attention: registry name of a ``dot_product``-interface kernel.
-      attention_kwargs: extra keyword arguments for the kernel (e.g. a window).
-      is_causal: causal self-attention (bottom-right aligned).
+      attention: registry name of a ``dot_product``-interface kernel, or a flax-style
+        ``attention_fn(query, key, value, bias=None, mask=None, ...)`` callable (it gets a
+        dense boolean mask, and ``dropout_rng`` / ``dropout_rate`` / ``deterministic`` /
+        ``module`` where its signature takes them, as flax's attention modules do).
+      attention_kwargs: extra keyword arguments for the kernel (e.g. a window, block
+        sizes), held as an immutable mapping (the module stays hashable).
+      is_causal: causal self-attention.
+      cross_attention: the layer attends to a memory (encoder-decoder); when decoding, the
+        memory's keys/values are cached by the first call and read by later calls made
+        with ``inputs_kv=None``.
       rope: rotate queries and keys with RoPE (self-attention).
       dropout_rate: dropout on the attention weights (needs a ``'dropout'`` rng).
       use_bias: biases in the projections.
@@ -39,16 +76,24 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: int | None = None
     head_dim: int | None = None
     out_features: int | None = None
-    attention: str = "dot_product"
+    attention: str | Callable[..., Any] = "dot_product"
     attention_kwargs: Mapping[str, Any] | None = None
     is_causal: bool = False
+    cross_attention: bool = False
     rope: bool = False
     dropout_rate: float = 0.0
     use_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
-    def _kernel(self):
+    def __post_init__(self):
+        object.__setattr__(self, "attention_kwargs", freeze_kwargs(self.attention_kwargs))
+        super().__post_init__()
+
+    def _spec(self) -> kernels.KernelSpec | None:
+        """The registered kernel, or ``None`` for a callable."""
+        if callable(self.attention):
+            return None
         spec = kernels.spec(self.attention)
         if spec.capabilities.interface != "dot_product":
             raise ValueError(
@@ -66,6 +111,8 @@ class MultiHeadAttention(nn.Module):
         mask: jax.Array | None = None,
         kv_lengths: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        lengths: jax.Array | None = None,
         deterministic: bool = True,
         sow_weights: bool = False,
         decode: bool = False,
@@ -74,34 +121,33 @@ class MultiHeadAttention(nn.Module):
 
         Args:
           inputs_q: ``[batch, q_len, features]``.
-          inputs_kv: ``[batch, kv_len, kv_features]``; ``None`` for self-attention.
+          inputs_kv: ``[batch, kv_len, kv_features]``; ``None`` for self-attention (and,
+            with ``cross_attention`` when decoding, for the cached memory).
           mask: boolean, broadcastable to ``[batch, heads, q_len, kv_len]``; True = attend.
-            In decode mode ``kv_len`` is the cache length.
-          kv_lengths: ``[batch]`` valid lengths of right-padded keys/values: passed to the
-            kernel as ``key_value_seq_lengths`` if it takes them (the linear, Performer and
-            sliding-window kernels take no mask), otherwise turned into a mask.
+            A key-padding mask ``[batch, 1, 1, kv_len]`` reaches kernels that take no mask
+            as valid lengths (``key_value_seq_lengths``: right padding).
+          kv_lengths: ``[batch]`` valid lengths of right-padded keys/values.
           positions: ``[batch, q_len]`` integer positions for RoPE (default ``0..q_len-1``,
-            offset by the cache index when decoding).
+            continuing each sequence's cache when decoding).
+          segment_ids: ``[batch, q_len]`` segment ids of packed self-attention: tokens only
+            attend within their segment.
+          lengths: ``[batch]`` when decoding: how many of the ``q_len`` new tokens of each
+            sequence are real (the others are right padding, never cached; default all).
           deterministic: disables dropout.
           sow_weights: record the weights ``[batch, heads, q_len, kv_len]`` in
             ``('intermediates', 'attention_weights')``.
-          decode: autoregressive decoding with a key/value cache (``'cache'`` collection):
-            the first call (``init``, or :func:`attn_jax.decode.init_cache`) sizes the cache
-            by its input length; later calls append their keys/values (a whole prompt, then
-            one token at a time) and attend to everything cached so far.
+          decode: autoregressive decoding (``'cache'`` collection, see
+            :mod:`attn_jax.models.kv_cache` for the kernels' forms): the first call
+            (``init``, or :func:`attn_jax.decode.init_cache`) sizes the cache by its input
+            length; later calls append their tokens (a whole prompt, then one token at a
+            time) and attend to everything cached so far, sequence by sequence.
 
         Returns:
           ``[batch, q_len, out_features]``.
         """
         chex.assert_rank(inputs_q, 3, custom_message="inputs_q: expected [batch, q_len, features]")
-        self_attention = inputs_kv is None
-        inputs_kv = inputs_q if self_attention else inputs_kv
-        chex.assert_rank(
-            inputs_kv, 3, custom_message="inputs_kv: expected [batch, kv_len, features]"
-        )
-        if decode and not self_attention:
-            raise ValueError("MultiHeadAttention: decode=True supports self-attention only")
-        spec = self._kernel()
+        self_attention = inputs_kv is None and not self.cross_attention
+        spec = self._spec()
         kv_heads = self.num_kv_heads or self.num_heads
         if self.num_heads % kv_heads:
             raise ValueError(
@@ -118,51 +164,55 @@ class MultiHeadAttention(nn.Module):
             name=name,
         )
         query = dense(self.num_heads, "query")(inputs_q)
-        key = dense(kv_heads, "key")(inputs_kv)
-        value = dense(kv_heads, "value")(inputs_kv)
+        key_layer, value_layer = dense(kv_heads, "key"), dense(kv_heads, "value")
+        options = dict(self.attention_kwargs or {})
+        if spec is not None and "projection" in spec.options and "projection" not in options:
+            options["projection"] = self._random_features(options, head_dim)
 
-        q_len = inputs_q.shape[1]
-        kwargs: dict[str, Any] = dict(self.attention_kwargs or {})
-        if decode and self.has_variable("cache", "cached_key"):
-            # Keys are rotated (RoPE) before they are cached, at their own positions.
-            query, key, value, mask, positions = self._update_cache(
-                query, key, value, mask, positions
-            )
-        else:
-            if positions is None:
-                positions = jnp.arange(q_len)
-            if self.is_causal:
-                kwargs["is_causal"] = True
-            if decode:  # initialisation: size the cache by this input
-                self._cache_variables(key, value)
-            if self.rope:
-                key = apply_rope(key, positions)
-        if self.rope:
-            query = apply_rope(query, positions)
-        if kv_lengths is not None:
-            if spec.capabilities.seq_lengths:
-                kwargs["key_value_seq_lengths"] = kv_lengths
-            else:
-                padding = masks.lengths_to_mask(kv_lengths, key.shape[1])[:, None, None, :]
-                mask = padding if mask is None else jnp.logical_and(mask, padding)
-        if mask is not None:
-            kwargs["mask"] = mask
-        if "rng" in inspect.signature(spec.fn).parameters and "rng" not in kwargs:
-            # Random-feature kernels (Performer): one fixed draw of features per layer,
-            # derived from the layer's path, so every call computes the same function.
-            kwargs["rng"] = jax.random.key(zlib.crc32("/".join(self.path).encode()))
-        if self.dropout_rate > 0.0 and not deterministic:
-            kwargs.update(dropout_rate=self.dropout_rate, dropout_rng=self.make_rng("dropout"))
-        if sow_weights:
-            if not spec.capabilities.weights:
+        if self_attention:
+            source = inputs_q
+        elif inputs_kv is None:  # cross-attention reading its decoding cache
+            if not (decode and self.has_variable("cache", "cross_key")):
                 raise ValueError(
-                    f"MultiHeadAttention: kernel {self.attention!r} cannot return weights "
-                    "(sow_weights=True)"
+                    "MultiHeadAttention: inputs_kv=None with cross_attention=True needs "
+                    "decode=True and a cache filled by a call with the memory"
                 )
-            out, weights = spec.fn(query, key, value, return_weights=True, **kwargs)
-            self.sow("intermediates", "attention_weights", weights)
+            source = None
         else:
-            out = spec.fn(query, key, value, **kwargs)
+            chex.assert_rank(
+                inputs_kv, 3, custom_message="inputs_kv: expected [batch, kv_len, features]"
+            )
+            source = inputs_kv
+        key = None if source is None else key_layer(source)
+        value = None if source is None else value_layer(source)
+        if not self_attention:
+            for name in VISIBILITY_KWARGS:  # windows and alignments relate self-positions
+                options.pop(name, None)
+            if decode:
+                key, value = self._cross_cache(key, value)
+
+        request: dict[str, Any] = {}
+        q_len = query.shape[1]
+        if self_attention and decode and self.has_variable("cache", "cache_lengths"):
+            out = self._decode(spec, query, key, value, mask, positions, lengths, options)
+        else:
+            if self_attention:
+                if positions is None:
+                    positions = jnp.arange(q_len, dtype=jnp.int32)[None, :]
+                if self.rope:
+                    query, key = apply_rope(query, positions), apply_rope(key, positions)
+                if self.is_causal:
+                    request["is_causal"] = True
+                if segment_ids is not None:
+                    request["query_segment_ids"] = segment_ids
+                if decode:  # initialisation: size the cache by this input
+                    self._make_cache(spec, key, value, options)
+            elif segment_ids is not None:
+                raise ValueError("MultiHeadAttention: segment_ids are for self-attention")
+            if kv_lengths is not None:
+                request["key_value_seq_lengths"] = kv_lengths
+            out = self._attend(spec, query, key, value, mask, request, options, deterministic,
+                               sow_weights)  # fmt: skip
         return nn.DenseGeneral(
             self.out_features or features,
             axis=(-2, -1),
@@ -172,38 +222,192 @@ class MultiHeadAttention(nn.Module):
             name="out",
         )(out)
 
-    def _cache_variables(self, key: jax.Array, value: jax.Array):
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-        return cached_key, cached_value, index
+    # ------------------------------------------------------------------------ kernels
 
-    def _update_cache(self, query, key, value, mask, positions):
-        """Writes this call's keys/values at the cache index; masks unwritten slots.
+    def _random_features(self, options: dict[str, Any], head_dim: int) -> jax.Array:
+        """A random-feature kernel's projection, drawn once from the ``params`` rng (it
+        changes with the seed, then stays fixed: no gradient, no weight decay)."""
+        count = int(options.pop("num_features", 256))
+        table = self.param(
+            "random_features",
+            lambda rng: orthogonal_features(rng, count, head_dim),
+        )
+        return jax.lax.stop_gradient(table)
 
-        Query ``i`` (absolute position ``index + i``) sees cached keys ``j <= index + i``
-        (causal) or ``j < index + q_len`` (non-causal): the bottom-right alignment of a
-        query block at the end of the sequence so far.
-        """
-        cached_key, cached_value, index = self._cache_variables(key, value)
-        batch, max_len = cached_key.value.shape[:2]
-        q_len = query.shape[1]
-        start = index.value
+    def _attend(
+        self,
+        spec: kernels.KernelSpec | None,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        mask: jax.Array | None,
+        request: dict[str, Any],
+        options: dict[str, Any],
+        deterministic: bool,
+        sow_weights: bool,
+    ) -> jax.Array:
+        """Calls the kernel with the visibility arguments in the form it takes."""
+        request = dict(request)
+        options = dict(options)
+        for name in VISIBILITY_KWARGS:
+            if name in options:
+                request[name] = options.pop(name)
+        dropout = {}
+        if self.dropout_rate > 0.0 and not deterministic:
+            dropout = {"dropout_rate": self.dropout_rate, "dropout_rng": self.make_rng("dropout")}
+        if spec is None:  # a flax-style callable: a dense mask, flax's arguments
+            mask = _dense_mask(query, key, mask, request)
+            return _call_flax_style(
+                self.attention, query, key, value, mask, dropout, deterministic,
+                self if sow_weights else None, options,
+            )  # fmt: skip
+        caps = spec.capabilities
+        key_padding = mask is not None and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
+        if key_padding and not caps.mask:
+            lengths = mask[:, 0, 0, :].sum(-1).astype(jnp.int32)
+            old = request.get("key_value_seq_lengths")
+            request["key_value_seq_lengths"] = lengths if old is None else jnp.minimum(old, lengths)
+            mask = None
+        if not _honours(caps, request) and caps.mask:
+            mask, request = _dense_mask(query, key, mask, request), {}
+        if mask is not None:
+            request["mask"] = mask
+        if sow_weights:
+            if not caps.weights:
+                raise ValueError(
+                    f"MultiHeadAttention: kernel {self.attention!r} cannot return weights "
+                    "(sow_weights=True)"
+                )
+            out, weights = spec.fn(
+                query, key, value, return_weights=True, **request, **dropout, **options
+            )
+            self.sow("intermediates", "attention_weights", weights)
+            return out
+        return spec.fn(query, key, value, **request, **dropout, **options)
+
+    # ------------------------------------------------------------------------ decoding
+
+    def _make_cache(self, spec, key: jax.Array, value: jax.Array, options: dict[str, Any]):
+        """Creates the cache variables for a cache of ``key.shape[1]`` positions."""
+        batch, max_len = key.shape[:2]
+        form = "kv_cache" if spec is None else spec.capabilities.decode
+        self.variable("cache", "cache_lengths", lambda: jnp.zeros((batch,), jnp.int32))
+        if form == "recurrent":
+            opts = {k: v for k, v in options.items() if k not in VISIBILITY_KWARGS}
+            state = spec.recurrent.init(batch, key.shape[2], key.shape[3], value.shape[3], opts)
+            self.variable("cache", "state", lambda: state)
+            return
+        slots = max_len
+        if form == "rolling_cache":
+            slots = kv_cache.rolling_slots(
+                max_len, vis.normalize_window(options.get("local_window_size"))
+            )
+            # Positions + 1, so that an all-zero cache (decode.init_cache) is empty.
+            self.variable("cache", "cached_positions", jnp.zeros, (batch, slots), jnp.int32)
+        shape = lambda x: (batch, slots, *x.shape[2:])
+        self.variable("cache", "cached_key", jnp.zeros, shape(key), key.dtype)
+        self.variable("cache", "cached_value", jnp.zeros, shape(value), value.dtype)
+
+    def _cross_cache(self, key, value):
+        """Cross-attention keys/values: computed from the memory once, then read."""
+        if key is None:
+            cached = lambda name: self.get_variable("cache", name)
+            return cached("cross_key"), cached("cross_value")
+        cached_key = self.variable("cache", "cross_key", lambda: key)
+        cached_value = self.variable("cache", "cross_value", lambda: value)
+        cached_key.value, cached_value.value = key, value
+        return key, value
+
+    def _decode(self, spec, query, key, value, mask, positions, lengths, options):
+        """One decoding call: ``q_len`` new tokens per sequence (``lengths`` real ones)."""
+        batch, q_len = query.shape[:2]
+        cache_lengths = self.variable("cache", "cache_lengths")
+        start = cache_lengths.value
+        count = jnp.full((batch,), q_len, jnp.int32) if lengths is None else lengths
+        steps = jnp.arange(q_len, dtype=jnp.int32)[None, :]
+        query_positions = start[:, None] + steps
         if positions is None:
-            positions = start + jnp.arange(q_len)
-        if self.rope:
-            key = apply_rope(key, positions)
-        zero = jnp.zeros((), jnp.int32)
-        cached_key.value = jax.lax.dynamic_update_slice(
-            cached_key.value, key, (zero, start, zero, zero)
-        )
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, value, (zero, start, zero, zero)
-        )
-        index.value = start + q_len
-        key_pos = jnp.arange(max_len)[None, :]
-        query_pos = start + jnp.arange(q_len)[:, None]
-        visible = key_pos <= query_pos if self.is_causal else key_pos < start + q_len
-        visible = jnp.broadcast_to(visible, (batch, 1, q_len, max_len))
-        mask = visible if mask is None else jnp.logical_and(visible, mask)
-        return query, cached_key.value, cached_value.value, mask, positions
+            positions = query_positions
+        if self.rope:  # keys are rotated at their own positions before they are cached
+            query, key = apply_rope(query, positions), apply_rope(key, positions)
+        cache_lengths.value = start + count
+        form = "kv_cache" if spec is None else spec.capabilities.decode
+        if form == "recurrent":
+            if not self.is_causal:
+                raise ValueError(
+                    f"MultiHeadAttention: kernel {self.attention!r} decodes from a recurrent "
+                    "state, which needs is_causal=True"
+                )
+            if mask is not None:
+                raise ValueError(f"MultiHeadAttention: kernel {self.attention!r} takes no mask")
+            state = self.variable("cache", "state")
+            opts = {k: v for k, v in options.items() if k not in VISIBILITY_KWARGS}
+            valid = None if lengths is None else steps < count[:, None]
+            out, state.value = spec.recurrent.step(
+                state.value, query, key, value, valid=valid, options=opts
+            )
+            return out.astype(query.dtype)
+        cached_key = self.variable("cache", "cached_key")
+        cached_value = self.variable("cache", "cached_value")
+        request: dict[str, Any] = {"query_positions": query_positions}
+        if self.is_causal:
+            request["is_causal"] = True
+        if lengths is not None:
+            request["query_seq_lengths"] = count
+        if form == "rolling_cache":
+            stored = self.variable("cache", "cached_positions")
+            fresh = jnp.where(steps < count[:, None], query_positions, kv_cache.EMPTY)
+            keys = jnp.concatenate([cached_key.value, key.astype(cached_key.value.dtype)], 1)
+            values = jnp.concatenate(
+                [cached_value.value, value.astype(cached_value.value.dtype)], 1
+            )
+            old = jnp.where(stored.value > 0, stored.value - 1, kv_cache.EMPTY)
+            kv_positions = jnp.concatenate([old, fresh], 1)
+            request["key_value_positions"] = kv_positions
+            slots = stored.value.shape[1]
+            cached_key.value, cached_value.value, kept = kv_cache.roll_in(
+                keys, values, kv_positions, slots
+            )
+            stored.value = jnp.where(kept == kv_cache.EMPTY, 0, kept + 1)
+        else:
+            keys = cached_key.value = kv_cache.append_kv(cached_key.value, key, start)
+            values = cached_value.value = kv_cache.append_kv(cached_value.value, value, start)
+            request["key_value_seq_lengths"] = start + count
+        return self._attend(spec, query, keys, values, mask, request, options, True, False)
+
+
+def _honours(caps: kernels.Capabilities, request: dict[str, Any]) -> bool:
+    """Whether a kernel takes every visibility argument of ``request`` itself."""
+    governed = {a: c for c, args in kernels.registry.CAPABILITY_ARGUMENTS.items() for a in args}
+    return all(
+        getattr(caps, governed[name])
+        for name, value in request.items()
+        if name in governed and kernels.registry.is_active(name, value)
+    )
+
+
+def _dense_mask(query, key, mask, request: dict[str, Any]) -> jax.Array | None:
+    """The visibility of ``request`` (and ``mask``) as one ``[batch, 1 or heads, q, kv]``
+    boolean mask: the form of kernels that take masks but not positions or segments."""
+    batch, q_len, heads = query.shape[:3]
+    kv_len = key.shape[1]
+    visibility = vis.build((batch,), heads, q_len, kv_len, mask=mask, **request)
+    return visibility.dense_mask()
+
+
+def _call_flax_style(fn, query, key, value, mask, dropout, deterministic, module, options):
+    """Calls a flax ``attention_fn`` with the arguments its signature takes."""
+    parameters = inspect.signature(fn).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    kwargs = {"mask": mask, "deterministic": deterministic, **dropout, **options}
+    if module is not None:
+        kwargs["module"] = module
+    for name in list(kwargs):
+        if not takes_all and name not in parameters:
+            if name in ("deterministic",) or (name == "mask" and kwargs[name] is None):
+                kwargs.pop(name)
+            else:
+                raise ValueError(
+                    f"MultiHeadAttention: attention callable {fn!r} has no argument {name!r}"
+                )
+    return fn(query, key, value, **kwargs)

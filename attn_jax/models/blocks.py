@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import kernels
-from attn_jax.models.attention import MultiHeadAttention
+from attn_jax.models.attention import MultiHeadAttention, freeze_kwargs
 from attn_jax.models.positions import (
     POSITION_KINDS,
     LearnedPositions,
@@ -38,8 +38,11 @@ class TransformerOptions:
       num_layers: number of layers (per stack).
       num_heads / num_kv_heads: query and key/value heads (GQA when fewer kv heads).
       mlp_dim: hidden features of the MLP (default ``4 * width``).
-      attention: registry name of the attention kernel (``dot_product`` interface).
-      attention_kwargs: extra keyword arguments for the kernel.
+      attention: registry name of the attention kernel (``dot_product`` interface), or a
+        flax-style ``attention_fn`` callable.
+      attention_kwargs: extra keyword arguments for the kernel (held as an immutable
+        mapping, so the options stay hashable); a ``local_window_size`` applies to
+        self-attention only.
       positions: ``"learned"``, ``"sinusoidal"``, ``"rope"`` or ``"none"``.
       max_len: longest sequence (learned positions; decode cache default).
       dropout_rate: residual/embedding dropout; attention_dropout_rate: on the weights.
@@ -60,15 +63,24 @@ class TransformerOptions:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def __post_init__(self):
+        object.__setattr__(self, "attention_kwargs", freeze_kwargs(self.attention_kwargs))
+
 
 def check_options(options: TransformerOptions) -> None:
     """Validates options with errors naming the field."""
+    if callable(options.attention):
+        return _check_sizes(options)
     spec = kernels.spec(options.attention)  # unknown names raise, listing the choices
     if spec.capabilities.interface != "dot_product":
         raise ValueError(
             f"options.attention: {options.attention!r} is a {spec.capabilities.interface!r} "
             "kernel; Transformer layers need a dot_product kernel"
         )
+    _check_sizes(options)
+
+
+def _check_sizes(options: TransformerOptions) -> None:
     if options.positions not in POSITION_KINDS:
         raise ValueError(
             f"options.positions: expected one of {POSITION_KINDS}, got {options.positions!r}"
@@ -155,7 +167,7 @@ class Mlp(nn.Module):
 
 
 def _attention(
-    o: TransformerOptions, *, is_causal: bool, rope: bool, name: str
+    o: TransformerOptions, *, is_causal: bool, rope: bool, name: str, cross: bool = False
 ) -> MultiHeadAttention:
     return MultiHeadAttention(
         num_heads=o.num_heads,
@@ -163,6 +175,7 @@ def _attention(
         attention=o.attention,
         attention_kwargs=o.attention_kwargs,
         is_causal=is_causal,
+        cross_attention=cross,
         rope=rope,
         dropout_rate=o.attention_dropout_rate,
         dtype=o.dtype,
@@ -185,13 +198,16 @@ class EncoderLayer(nn.Module):
         mask: jax.Array | None = None,
         kv_lengths: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        lengths: jax.Array | None = None,
         deterministic: bool = True,
         sow_weights: bool = False,
         decode: bool = False,
     ) -> jax.Array:
         """``x [batch, length, width]``; ``mask`` broadcastable to ``[batch, heads, q, kv]``;
-        ``kv_lengths [batch]``: valid lengths of right-padded ``x`` (see
-        :class:`MultiHeadAttention`)."""
+        ``kv_lengths [batch]``: valid lengths of right-padded ``x``; ``segment_ids [batch,
+        length]`` of packed sequences; ``lengths [batch]``: real new tokens when decoding
+        (see :class:`MultiHeadAttention`)."""
         o = self.options
         norm = lambda name: nn.LayerNorm(dtype=o.dtype, param_dtype=o.param_dtype, name=name)
         drop = nn.Dropout(o.dropout_rate)
@@ -200,6 +216,8 @@ class EncoderLayer(nn.Module):
             mask=mask,
             kv_lengths=kv_lengths,
             positions=positions,
+            segment_ids=segment_ids,
+            lengths=lengths,
             deterministic=deterministic,
             sow_weights=sow_weights,
             decode=decode,
@@ -218,33 +236,37 @@ class DecoderLayer(nn.Module):
     def __call__(
         self,
         x: jax.Array,
-        memory: jax.Array,
+        memory: jax.Array | None,
         *,
         memory_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        lengths: jax.Array | None = None,
         deterministic: bool = True,
         sow_weights: bool = False,
         decode: bool = False,
     ) -> jax.Array:
-        """``x [batch, tgt_len, width]``, ``memory [batch, src_len, width]``,
-        ``memory_mask`` broadcastable to ``[batch, heads, tgt_len, src_len]``."""
+        """``x [batch, tgt_len, width]``, ``memory [batch, src_len, width]`` (``None`` when
+        decoding from the cached memory), ``memory_mask`` broadcastable to ``[batch, heads,
+        tgt_len, src_len]``."""
         o = self.options
         norm = lambda name: nn.LayerNorm(dtype=o.dtype, param_dtype=o.param_dtype, name=name)
         drop = nn.Dropout(o.dropout_rate)
         y = _attention(o, is_causal=True, rope=o.positions == "rope", name="self_attention")(
             norm("self_attention_norm")(x),
             positions=positions,
+            lengths=lengths,
             deterministic=deterministic,
             sow_weights=sow_weights,
             decode=decode,
         )
         x = x + drop(y, deterministic=deterministic)
-        y = _attention(o, is_causal=False, rope=False, name="cross_attention")(
+        y = _attention(o, is_causal=False, rope=False, name="cross_attention", cross=True)(
             norm("cross_attention_norm")(x),
             memory,
             mask=memory_mask,
             deterministic=deterministic,
             sow_weights=sow_weights,
+            decode=decode,
         )
         x = x + drop(y, deterministic=deterministic)
         y = Mlp(o, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)

@@ -27,7 +27,8 @@ class TransformerEncoder(nn.Module):
         attention pooling), ``"mean"`` (over valid tokens), or ``"none"`` (tagging: one
         prediction per token).
       pad_id: padding token. Kernels that take no mask (linear, Performer, sliding window)
-        get the valid lengths instead, so padding must then be on the right.
+        get the valid lengths instead (see :class:`~attn_jax.models.MultiHeadAttention`),
+        so padding must then be on the right.
     """
 
     vocab_size: int
@@ -71,13 +72,9 @@ class TransformerEncoder(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, o.width)), x], 1)
             valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid], axis=1)
             positions = jnp.arange(length + 1)[None, :]
-        if kernels.capabilities(o.attention).mask:
-            padding = {"mask": valid[:, None, None, :]}  # [batch, 1 (heads), 1 (q), length]
-        else:  # linear, Performer, sliding window: lengths of right-padded tokens
-            padding = {"kv_lengths": valid.sum(-1)}
         x = EncoderStack(o, name="encoder")(
             x,
-            **padding,
+            mask=valid[:, None, None, :],  # [batch, 1 (heads), 1 (q), length]
             positions=positions,
             deterministic=deterministic,
             sow_weights=sow_weights,

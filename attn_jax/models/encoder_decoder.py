@@ -54,14 +54,19 @@ class EncoderDecoder(nn.Module):
     def decode(
         self,
         tgt: jax.Array,
-        memory: jax.Array,
+        memory: jax.Array | None,
         memory_mask: jax.Array,
         *,
         deterministic: bool = True,
         decode: bool = False,
         sow_weights: bool = False,
     ) -> jax.Array:
-        """``tgt [batch, tgt_len]`` (shifted right) -> ``[batch, tgt_len, tgt_vocab]`` logits."""
+        """``tgt [batch, tgt_len]`` (shifted right) -> ``[batch, tgt_len, tgt_vocab]`` logits.
+
+        When decoding (``decode=True``), the call that creates the cache projects
+        ``memory`` into every cross-attention layer's keys/values once; later calls pass
+        ``memory=None`` and read them (see :func:`attn_jax.decode.translate`).
+        """
         return self.decoder(
             tgt,
             memory,

@@ -41,6 +41,8 @@ class TransformerLM(nn.Module):
         inputs: jax.Array | None = None,
         memory_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        lengths: jax.Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
         sow_weights: bool = False,
@@ -51,10 +53,17 @@ class TransformerLM(nn.Module):
         Args:
           tokens: ``[batch, length]`` integer tokens, or
           inputs: ``[batch, length, width]`` input embeddings instead of tokens.
-          memory: ``[batch, src_len, width]`` encoder outputs (``cross_attention`` only).
+          memory: ``[batch, src_len, width]`` encoder outputs (``cross_attention`` only;
+            when decoding, only the call that fills the cache needs it, later ones pass
+            ``None`` and read the cached keys/values).
           memory_mask: broadcastable to ``[batch, heads, length, src_len]``.
-          positions: ``[batch, length]`` positions; default ``0..length-1``, continuing from
-            the cache when decoding.
+          positions: ``[batch, length]`` positions; default ``0..length-1``, continuing
+            each sequence's cache when decoding.
+          segment_ids: ``[batch, length]`` segment ids of packed sequences (several
+            examples per row, ``positions`` restarting in each): no attention across
+            segments.
+          lengths: ``[batch]`` when decoding: how many of the ``length`` tokens of each row
+            are real (right padding, e.g. prompts of different lengths; default all).
           deterministic: disables dropout (needs a ``'dropout'`` rng otherwise).
           decode: use and extend the KV cache (``mutable=['cache']``); see
             :mod:`attn_jax.decode`.
@@ -71,22 +80,24 @@ class TransformerLM(nn.Module):
         check_options(o)
         if (tokens is None) == (inputs is None):
             raise ValueError("TransformerLM: pass exactly one of 'tokens' or 'inputs'")
-        if self.cross_attention != (memory is not None):
+        if memory is not None and not self.cross_attention:
+            raise ValueError("TransformerLM: argument 'memory' needs cross_attention=True")
+        if self.cross_attention and memory is None and not decode:
             raise ValueError(
                 "TransformerLM: argument 'memory' is required with cross_attention=True "
-                "and not allowed without it"
+                "(only decoding reads it from the cache)"
             )
         source = tokens if tokens is not None else inputs
         chex.assert_rank(source, 2 if tokens is not None else 3)
-        length = source.shape[1]
+        batch, length = source.shape[:2]
         if positions is None:
-            positions = jnp.arange(length)[None, :]
-            if decode:
+            positions = jnp.arange(length, dtype=jnp.int32)[None, :]
+            if decode:  # each sequence continues from its own cached length
                 initialized = self.has_variable("cache", "position")
-                offset = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+                offset = self.variable("cache", "position", lambda: jnp.zeros((batch,), jnp.int32))
                 if initialized:
-                    positions = positions + offset.value
-                    offset.value = offset.value + length
+                    positions = positions + offset.value[:, None]
+                    offset.value = offset.value + (length if lengths is None else lengths)
         embedder = TokenEmbedder(self.vocab_size, o, name="embedder")
         if tokens is not None:
             x = embedder(tokens, positions)
@@ -101,6 +112,7 @@ class TransformerLM(nn.Module):
                     memory,
                     memory_mask=memory_mask,
                     positions=positions,
+                    lengths=lengths,
                     deterministic=deterministic,
                     sow_weights=sow_weights,
                     decode=decode,
@@ -109,6 +121,8 @@ class TransformerLM(nn.Module):
                 x = EncoderLayer(o, is_causal=True, name=f"layer_{i}")(
                     x,
                     positions=positions,
+                    segment_ids=segment_ids,
+                    lengths=lengths,
                     deterministic=deterministic,
                     sow_weights=sow_weights,
                     decode=decode,

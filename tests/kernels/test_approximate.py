@@ -20,6 +20,8 @@ def _qkv(seed=0, batch=2, q_len=12, kv_len=12, heads=4, kv_heads=2, dim=8, scale
 
 
 def _linear_float64(q, k, v, causal, kv_lengths=None):
+    """Bottom-right causal when ``q_len != kv_len``: query ``i`` sees keys ``j <= i +
+    kv_len - q_len``."""
     """The linear-attention formula evaluated directly (quadratic form) in float64."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     phi = lambda x: np.where(x > 0, x + 1.0, np.exp(x))  # elu(x) + 1
@@ -27,14 +29,16 @@ def _linear_float64(q, k, v, causal, kv_lengths=None):
     k, v = np.repeat(k, groups, axis=-2), np.repeat(v, groups, axis=-2)
     scores = np.einsum("bqhd,bkhd->bhqk", phi(q), phi(k))
     if causal:
-        scores = scores * np.tril(np.ones(scores.shape[-2:]))
+        q_len, kv_len = scores.shape[-2:]
+        scores = scores * np.tril(np.ones((q_len, kv_len)), k=kv_len - q_len)
     if kv_lengths is not None:
         scores = (
             scores
             * (np.arange(k.shape[1])[None, :] < np.asarray(kv_lengths)[:, None])[:, None, None]
         )
     out = np.einsum("bhqk,bkhd->bqhd", scores, v)
-    return out / scores.sum(-1).transpose(0, 2, 1)[..., None]
+    total = scores.sum(-1).transpose(0, 2, 1)[..., None]
+    return np.where(total > 0, out / np.where(total > 0, total, 1.0), 0.0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -131,10 +135,16 @@ def test_arguments_without_a_feature_form_raise(name, argument, value):
             fn(q, k, v, **{argument: value}, **kwargs)
 
 
-def test_causal_needs_equal_lengths():
-    q, k, v = _qkv(q_len=4)
-    with pytest.raises(ValueError, match="is_causal"):
-        kernels.linear_attention(q, k, v, is_causal=True)
+@pytest.mark.parametrize("q_len, kv_len", [(4, 12), (12, 5)])
+def test_causal_with_unequal_lengths_is_bottom_right(q_len, kv_len):
+    q, k, v = _qkv(q_len=q_len, kv_len=kv_len)
+    out = kernels.linear_attention(q, k, v, is_causal=True, chunk_size=3)
+    np.testing.assert_allclose(out, _linear_float64(q, k, v, True), atol=2e-5, rtol=1e-5)
+    # Top-left alignment and explicit positions have no prefix-sum form here: refused.
+    with pytest.raises(ValueError, match="causal_alignment"):
+        kernels.linear_attention(q, k, v, is_causal=True, causal_alignment="top_left")
+    with pytest.raises(ValueError, match="query_positions"):
+        kernels.linear_attention(q, k, v, query_positions=jnp.zeros((2, q_len), jnp.int32))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from attn_jax import kernels
-from attn_jax.kernels import blockwise
+from attn_jax.kernels import visibility as vis
 from tests.kernels import conformance as cf
 
 MULTI_BLOCK_CASES = [
@@ -50,19 +50,32 @@ def test_small_blocks_match_float64_reference(name, case):
     cf.check_against_reference(SMALL_BLOCKS[name], case, jnp.float32)
 
 
-def test_causal_and_window_skip_hidden_key_blocks():
-    def visited(**kwargs):
-        layout = blockwise.BlockLayout(
-            q_len=64, kv_len=64, kv_heads=1, groups=1, block_q=8, block_k=8,
-            num_q_blocks=8, num_k_blocks=8, scale=1.0, **kwargs,
-        )  # fmt: skip
-        ranges = [blockwise.kv_block_range(layout, jnp.int32(8 * i)) for i in range(8)]
-        return sum(int(hi) - int(lo) for lo, hi in ranges)
+def _visited(batch=1, lengths=None, segments=None, **kwargs):
+    """How many of the 8 x 8 blocks of 8 x 8 tokens are not hidden."""
+    positions = jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (batch, 64))
+    valid = jnp.ones((batch, 64), bool)
+    if lengths is not None:
+        valid = jnp.arange(64)[None, :] < jnp.asarray(lengths)[:, None]
+    tokens = vis.Tokens(positions, valid, segments)
+    classes = vis.block_classes(tokens, tokens, None, block_q=8, block_k=8, **kwargs)
+    order, count = vis.visible_blocks(classes)
+    assert int(count.sum()) == int((classes != vis.HIDDEN).sum())
+    return int(count.sum()), int((classes == vis.FULL).sum())
 
-    assert visited(is_causal=False, window=None) == 64
-    assert visited(is_causal=True, window=None) == 36  # the lower triangle: 8 * 9 / 2
-    assert visited(is_causal=False, window=(8, 8)) == 2 * 2 + 6 * 3  # a 3-block band
-    assert visited(is_causal=True, window=(4, 0)) == 8 + 7
+
+def test_causal_window_padding_and_segments_hide_whole_blocks():
+    assert _visited(is_causal=False, window=None) == (64, 64)
+    assert _visited(is_causal=True, window=None) == (36, 28)  # lower triangle; 8 partial
+    assert _visited(is_causal=False, window=(8, 8)) == (2 * 2 + 6 * 3, 8)  # a 3-block band
+    assert _visited(is_causal=True, window=(4, 0)) == (8 + 7, 0)
+    # Padding: 20 valid tokens (blocks 0-2) in row 0, all 64 in row 1: a block is hidden
+    # only if hidden in every row.
+    assert _visited(lengths=[20], is_causal=False, window=None) == (9, 4)
+    assert _visited(batch=2, lengths=[20, 64], is_causal=False, window=None) == (64, 4)
+    # Four packed segments of 16 tokens: the 4 diagonal 2 x 2 groups of blocks.
+    segments = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 16)[None, :]
+    assert _visited(segments=segments, is_causal=False, window=None) == (16, 16)
+    assert _visited(segments=segments, is_causal=True, window=None) == (12, 4)
 
 
 def test_flash_blockwise_callables_match_dense_arrays():

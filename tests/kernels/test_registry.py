@@ -35,7 +35,8 @@ def test_builtin_kernels_are_registered_with_capabilities():
     names = kernels.available()
     for name in ("dot_product", "additive", "multiplicative", "pooling"):
         assert name in names
-    assert kernels.get("dot_product") is kernels.dot_product_attention
+    assert kernels.get("dot_product") is kernels.dense_attention
+    assert kernels.get("flash") is kernels.flash_attention
     caps = kernels.capabilities("dot_product")
     assert caps.exact and caps.interface == "dot_product"
     assert set(caps.supported()) >= {

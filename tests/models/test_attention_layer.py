@@ -61,8 +61,8 @@ def test_bad_configurations_raise_clear_errors():
         models.MultiHeadAttention(num_heads=2, attention="additive").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="num_kv_heads"):
         models.MultiHeadAttention(num_heads=4, num_kv_heads=3).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="self-attention only"):
-        models.MultiHeadAttention(num_heads=2).init(jax.random.key(0), x, x, decode=True)
+    with pytest.raises(ValueError, match="inputs_kv=None with cross_attention=True"):
+        models.MultiHeadAttention(num_heads=2, cross_attention=True).init(jax.random.key(0), x)
 
     @kernels.register("test_no_weights", capabilities={"mask"})
     def no_weights(query, key, value, bias=None, mask=None):
