@@ -81,6 +81,14 @@ def digits_data() -> ml_collections.ConfigDict:
     return data
 
 
+def lm_packing(data: ml_collections.ConfigDict) -> None:
+    """Sequence packing of a decoder-LM task's training examples: ``data.pack=True`` puts
+    several examples into each row of ``data.pack_length`` tokens (0: the task's training
+    length), with positions restarting and no attention across examples."""
+    data.pack = False
+    data.pack_length = 0
+
+
 def is_quick(arg: str | None, path: str) -> bool:
     """The variant of a task config: ``"quick"`` (CPU, minutes) -> True; ``None`` or
     ``"full"`` (sized for an accelerator) -> False; anything else raises naming ``path``."""

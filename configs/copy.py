@@ -18,6 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = common.base_config()
     config.data = ml_collections.ConfigDict()
     config.data.name = "copy"
+    common.lm_packing(config.data)
     config.data.num_symbols = 16
     config.data.min_len = 1
     config.data.max_len = 32

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = common.base_config()
     config.data = ml_collections.ConfigDict()
     config.data.name = "induction"
+    common.lm_packing(config.data)
     config.data.num_symbols = 16
     config.data.seq_len = 64
     config.data.num_train = 100_000

@@ -22,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = common.base_config()
     config.data = ml_collections.ConfigDict()
     config.data.name = "mqar"
+    common.lm_packing(config.data)
     config.data.vocab_size = 8192
     config.data.seq_len = 64
     config.data.num_kv_pairs = 4

@@ -1,7 +1,8 @@
 """Speed and memory of every attention kernel against jax.nn and flax, in one process.
 
 For each contender (every registered ``dot_product``-interface kernel (Pallas ones on GPU
-only: elsewhere they run in the interpreter), plus the peers
+only: elsewhere they run in the interpreter), ``auto`` (the front end with
+``implementation=None``: what its dispatch table picks), plus the peers
 ``jax.nn.dot_product_attention`` with ``implementation="xla"`` (and ``"cudnn"`` on GPU) and
 ``flax.linen.dot_product_attention``), sequence length, head dim, causal flag, dtype and
 mode (forward, forward + backward), it records:
@@ -19,10 +20,15 @@ fails at run time is reported as failed. Outputs ``bench.json``, ``bench.md`` an
 
     python experiments/bench_kernels.py --quick
     python experiments/bench_kernels.py --seq_lens=4096 --causal=false --dtypes=float32
+    python experiments/bench_kernels.py --seq_lens=4096 --segments=1,8 --kernels=flash,chunked
+
+``--segments=8`` packs 8 equal sequences per row: blocks across segments are hidden and
+skipped (the time should fall by about the number of segments).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -58,6 +64,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch", 1, "Batch size.")
     flags.DEFINE_integer("heads", 8, "Attention heads.")
     flags.DEFINE_integer("window", 256, "sliding_window: keys on each side.")
+    flags.DEFINE_list(
+        "segments",
+        ["1"],
+        "Packed segments per sequence (equal lengths; > 1: only kernels that take segment "
+        "ids, whose blocks across segments are hidden and skipped).",
+    )
     flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median; >= 5).")
     flags.DEFINE_float(
         "memory_fraction", 0.8, "Skip programs needing more than this fraction of memory."
@@ -65,9 +77,28 @@ def define_flags() -> None:
     flags.DEFINE_string("out_dir", "runs/bench_kernels", "Output directory.")
 
 
-def contenders(window: int, causal: bool) -> dict[str, Callable[..., jax.Array]]:
-    """name -> ``fn(q, k, v)`` for every available contender."""
+def _segment_ids(length: int, segments: int) -> jax.Array:
+    """``[length]`` ids of ``segments`` equal consecutive segments."""
+    return jnp.arange(length, dtype=jnp.int32) * segments // length
+
+
+def contenders(window: int, causal: bool, segments: int = 1) -> dict[str, Callable[..., jax.Array]]:
+    """name -> ``fn(q, k, v)`` for every available contender (with ``segments > 1``, only
+    the kernels that take segment ids)."""
+    if segments > 1:
+        out = {}
+        for name in kernels.available(interface="dot_product"):
+            if not kernels.capabilities(name).segments or (
+                name.startswith("pallas") and jax.default_backend() != "gpu"
+            ):
+                continue
+            kernel = kernels.get(name)
+            out[name] = lambda q, k, v, kernel=kernel: kernel(
+                q, k, v, is_causal=causal, query_segment_ids=_segment_ids(q.shape[1], segments)
+            )
+        return out
     out: dict[str, Callable[..., jax.Array]] = {
+        "auto": lambda q, k, v: kernels.dot_product_attention(q, k, v, is_causal=causal),
         "jax.nn.xla": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="xla"
         ),
@@ -176,11 +207,13 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     roofline = matmul_gflops(config["repeats"])
     budget = config["memory_fraction"] * available_bytes()
     rows = []
-    for causal in config["causal"]:
-        table = contenders(config["window"], causal)
+    for causal, segments in itertools.product(config["causal"], config.get("segments", [1])):
+        table = contenders(config["window"], causal, segments)
         names = config["kernels"] or list(table)
         unknown = sorted(set(names) - set(table))
-        if unknown:
+        if segments > 1:
+            names = [n for n in names if n in table]
+        elif unknown:
             raise ValueError(f"--kernels: unknown {unknown}; available: {sorted(table)}")
         for dtype in config["dtypes"]:
             for dim in config["head_dims"]:
@@ -192,6 +225,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
                                 "length": length,
                                 "head_dim": dim,
                                 "causal": causal,
+                                "segments": segments,
                                 "dtype": dtype,
                                 "mode": mode,
                                 **measure(
@@ -227,7 +261,14 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     """Speed-up and memory ratio of each row against jax.nn (xla) on the same problem."""
-    key = lambda r: (r["length"], r["head_dim"], r["causal"], r["dtype"], r["mode"])
+    key = lambda r: (
+        r["length"],
+        r["head_dim"],
+        r["causal"],
+        r["dtype"],
+        r["mode"],
+        r.get("segments", 1),
+    )
     base = {key(r): r for r in rows if r["kernel"] == "jax.nn.xla" and r["status"] == "ok"}
     for row in rows:
         ref = base.get(key(row))
@@ -249,7 +290,8 @@ def _machine() -> str:
 def _describe(row: dict[str, Any]) -> str:
     head = (
         f"{row['kernel']:>15} N={row['length']:<6} D={row['head_dim']} "
-        f"{'causal' if row['causal'] else 'full  '} {row['dtype']:<8} {row['mode']:<16}"
+        f"{'causal' if row['causal'] else 'full  '} S={row.get('segments', 1)} "
+        f"{row['dtype']:<8} {row['mode']:<16}"
     )
     if row["status"] != "ok":
         return f"{head} {row['status']}: {row.get('error', '')}"
@@ -262,12 +304,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"Measured {report['date']} on {report['machine']}; matmul roofline "
         f"{report['matmul_gflops']:.1f} GFLOP/s (float32).",
         "",
-        "| kernel | N | D | causal | dtype | mode | ms | GFLOP/s | % matmul | scratch MiB "
-        "| speed-up vs jax.nn | scratch vs jax.nn |",
-        "| --- " * 12 + "|",
+        "| kernel | N | D | causal | segments | dtype | mode | ms | GFLOP/s | % matmul "
+        "| scratch MiB | speed-up vs jax.nn | scratch vs jax.nn |",
+        "| --- " * 13 + "|",
     ]
     for r in report["rows"]:
-        cells = [r["kernel"], r["length"], r["head_dim"], r["causal"], r["dtype"], r["mode"]]
+        cells = [r["kernel"], r["length"], r["head_dim"], r["causal"], r.get("segments", 1)]
+        cells += [r["dtype"], r["mode"]]
         if r["status"] != "ok":
             cells += [r["status"], "", "", "", "", ""]
         else:
@@ -359,6 +402,7 @@ def _flag_config(f: Any) -> dict[str, Any]:
         "batch": f.batch,
         "heads": f.heads,
         "window": f.window,
+        "segments": ints(f.segments, "segments"),
         "repeats": f.repeats,
         "memory_fraction": f.memory_fraction,
     }

@@ -263,6 +263,8 @@ def _run(spec: registry.KernelSpec, call: AttentionCall, raw: dict, options: dic
             f"(its options: {list(spec.options)})"
         )
     result = spec.core(call, **options)
+    if not isinstance(result, AttentionOutput):  # a bare output array
+        result = AttentionOutput(result)
     extras = []
     if call.return_weights:
         extras.append(result.weights)
@@ -418,8 +420,16 @@ def dot_product_attention(
         mask,
         **{k: raw[k] for k in inspect.signature(bind).parameters if k in raw},
     )
-    plain_raw = {k: v for k, v in raw.items() if registry.is_active(k, v) or k == "scale"}
-    plain_raw = {k: v for k, v in plain_raw.items() if v is not None}
+    # A plain kernel gets the arguments as given, those that ask for something; dropout
+    # after `deterministic`.
+    plain_raw = {
+        k: v
+        for k, v in raw.items()
+        if v is not None and registry.is_active(k, v) and k not in ("deterministic",)
+    }
+    if call.dropout_rate == 0.0:
+        for name in ("dropout_rate", "dropout_rng", "broadcast_dropout"):
+            plain_raw.pop(name, None)
     if module is not None:  # flax's sow_weights: the weights are needed
         requested = {**call.requested, "weights": "module"}
         call = dataclasses.replace(call, return_weights=True, requested=requested)

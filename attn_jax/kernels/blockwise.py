@@ -374,5 +374,11 @@ def slice_block(x: jax.Array | None, q_start: Any, k_start: Any, layout: BlockLa
     if x is None:
         return None
     return jax.lax.dynamic_slice(
-        x, (0, 0, 0, q_start, k_start), (*x.shape[:3], layout.block_q, layout.block_k)
+        x, block_start(q_start, k_start), (*x.shape[:3], layout.block_q, layout.block_k)
     )
+
+
+def block_start(q_start: Any, k_start: Any) -> tuple[jax.Array, ...]:
+    """The int32 start ``(0, 0, 0, q_start, k_start)`` of a block of a canonical
+    ``[B, h, g, q, kv]`` array (one index type, also under ``jax_enable_x64``)."""
+    return tuple(jnp.asarray(i, jnp.int32) for i in (0, 0, 0, q_start, k_start))

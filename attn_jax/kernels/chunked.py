@@ -66,7 +66,7 @@ def _attend_query_chunk(c: Canonical, plan: Plan, iq: jax.Array) -> jax.Array:
         return jax.lax.cond(plan.classes[iq, k_index] == vis.HIDDEN, hidden, summary)
 
     values, sums, maxima = jax.lax.map(summarize, jnp.arange(layout.num_k_blocks, dtype=jnp.int32))
-    global_max = maxima.max(0)
+    global_max = maxima.max(0, keepdims=True)
     factors = jnp.exp(maxima - global_max)
     values = (values * factors[..., None]).sum(0)
     total = (sums * factors).sum(0)

@@ -126,7 +126,7 @@ def _backward(layout: BlockLayout, q, k, v, bias, aux, out, lse, d_out, d_lse):
                 dv, _key_block(dv, jk, layout) + dv_blk, k0, axis=2
             )
             if dbias is not None:
-                dbias = jax.lax.dynamic_update_slice(dbias, ds, (0, 0, 0, q0, k0))
+                dbias = jax.lax.dynamic_update_slice(dbias, ds, blockwise.block_start(q0, k0))
             return dq_blk, dk, dv, dbias
 
         init = (_zeros(q_blk.shape, *inputs), dk, dv, dbias)

@@ -75,6 +75,7 @@ def positive_features(x: jax.Array, projection: jax.Array, *, is_query: bool) ->
     """
     x = x.astype(jnp.float32)
     shift = 0.5 * jnp.sum(projection * projection, axis=-1)  # [m]
+    shift = shift.reshape((1,) * (x.ndim - 1) + shift.shape)
     logits = jnp.einsum("...d,md->...m", x, projection) - 0.5 * jnp.sum(
         x * x, axis=-1, keepdims=True
     )

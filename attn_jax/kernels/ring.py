@@ -257,7 +257,8 @@ def _backward(layout: RingLayout, q, k, v, bias, aux, out, lse, d_out, d_lse):
             dk_blk, dv_blk = add(dk_blk, dk_t, tile.k0, 2), add(dv_blk, dv_t, tile.k0, 2)
             if dbias is not None:
                 column = tile.src * b.block_k + tile.k0
-                dbias = jax.lax.dynamic_update_slice(dbias, ds, (0, 0, 0, tile.q0, column))
+                start = blockwise.block_start(tile.q0, column)
+                dbias = jax.lax.dynamic_update_slice(dbias, ds, start)
             return dq, dbias, dk_blk, dv_blk
 
         state = (dq, dbias, dk_blk, dv_blk)

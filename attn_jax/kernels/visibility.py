@@ -224,6 +224,8 @@ class Visibility:
                 right = min(right, 0) if self.is_causal else right
                 q_ok = q_ok & (q.positions - left <= k_hi) & (q.positions + right >= k_lo)
                 k_ok = k_ok & (k.positions <= q_hi + right) & (k.positions >= q_lo - left)
+        # Nothing to see (or to be seen by) in the whole sequence.
+        q_ok, k_ok = q_ok & k_ok.any(-1, keepdims=True), k_ok & q_ok.any(-1, keepdims=True)
         q_ok, k_ok = q_ok[..., None, None], k_ok[..., None, None]
         if self.mask is not None:
             rows = jnp.swapaxes(self.mask.any(-1), -1, -2)[..., None]  # [*b, q, h, 1]

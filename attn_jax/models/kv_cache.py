@@ -27,8 +27,8 @@ EMPTY = 2**30  # the position of an empty rolling slot: after every query, so ne
 def append_kv(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Writes ``new [batch, n, ...]`` into ``cache [batch, max_len, ...]`` at each
     sequence's own offset ``start [batch]``."""
-    zeros = (0,) * (cache.ndim - 2)
-    write = lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (s, *zeros))
+    zeros = (jnp.int32(0),) * (cache.ndim - 2)
+    write = lambda c, x, s: jax.lax.dynamic_update_slice(c, x, (s.astype(jnp.int32), *zeros))
     return jax.vmap(write)(cache, new.astype(cache.dtype), start)
 
 

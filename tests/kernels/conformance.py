@@ -32,7 +32,8 @@ MAX_ERRORS: dict[str, dict[str, float]] = {}
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One attention problem. ``mask`` is a kind: None, "random", "rows" (some rows empty)."""
+    """One attention problem. ``mask`` is a kind: None, "random", "rows" (some rows empty),
+    "columns" (some keys hidden from every query, and some rows empty)."""
 
     name: str
     batch: tuple[int, ...] = (2,)
@@ -49,6 +50,9 @@ class Case:
     window: Any = None
     q_lengths: tuple[int, ...] | None = None
     kv_lengths: tuple[int, ...] | None = None
+    segments: str | None = None  # None, "packed" (q_len == kv_len), "cross"
+    positions: bool = False  # explicit query positions: the last q_len of each kv length
+    alignment: str = "bottom_right"
     q_scale: float = 1.0  # > 1 sharpens the softmax (large logits)
 
     def needs(self) -> set[str]:
@@ -66,6 +70,10 @@ class Case:
             need.add("seq_lengths")
         if self.heads != self.kv_heads:
             need.add("gqa")
+        if self.segments:
+            need.add("segments")
+        if self.positions or (self.alignment != "bottom_right" and self.q_len != self.kv_len):
+            need.add("positions")
         return need
 
 
@@ -94,6 +102,30 @@ CASES = [
     Case("no_batch_dims", batch=(), bias="full"),
     Case("single_query", q_len=1, kv_len=7, is_causal=True),
     Case("sharp_softmax", q_scale=8.0, kv_len=16, mask="random"),
+    Case("segments_packed_causal", q_len=8, kv_len=8, segments="packed", is_causal=True),
+    Case("segments_cross", q_len=5, kv_len=9, segments="cross"),
+    Case(
+        "segments_window_lengths",
+        q_len=8,
+        kv_len=8,
+        segments="packed",
+        window=(2, 0),
+        kv_lengths=(8, 6),
+    ),
+    Case(
+        "decode_positions_window",
+        q_len=2,
+        kv_len=9,
+        positions=True,
+        is_causal=True,
+        window=(3, 0),
+        kv_lengths=(6, 9),
+        heads=4,
+        kv_heads=2,
+    ),
+    Case("top_left_causal_q_lt_kv", q_len=3, kv_len=7, is_causal=True, alignment="top_left"),
+    Case("top_left_causal_q_gt_kv", q_len=7, kv_len=4, is_causal=True, alignment="top_left"),
+    Case("masked_columns", mask="columns", kv_len=9),
 ]
 
 
@@ -118,14 +150,33 @@ def make_inputs(case: Case, dtype: Any, seed: int = 0) -> tuple[tuple, dict[str,
         mask = rng.rand(*mask_shape) < 0.7
         mask[..., ::2, :] = False  # every other query row sees nothing
         kwargs["mask"] = jnp.asarray(mask)
+    elif case.mask == "columns":
+        mask = rng.rand(*mask_shape) < 0.8
+        mask[..., ::3] = False  # every third key is seen by no query
+        mask[..., ::4, :] = False
+        kwargs["mask"] = jnp.asarray(mask)
     if case.is_causal:
         kwargs["is_causal"] = True
     if case.window is not None:
         kwargs["local_window_size"] = case.window
+    # Integer arrays in jax's default integer dtype: int64 under jax_enable_x64.
     if case.q_lengths is not None:
-        kwargs["query_seq_lengths"] = jnp.asarray(case.q_lengths, jnp.int32)
+        kwargs["query_seq_lengths"] = jnp.asarray(np.asarray(case.q_lengths))
     if case.kv_lengths is not None:
-        kwargs["key_value_seq_lengths"] = jnp.asarray(case.kv_lengths, jnp.int32)
+        kwargs["key_value_seq_lengths"] = jnp.asarray(np.asarray(case.kv_lengths))
+    if case.segments is not None:
+        # Sorted ids (packed sequences), unaligned between queries and keys for "cross".
+        q_seg = np.sort(rng.randint(0, 3, size=(*case.batch, case.q_len)), axis=-1)
+        kwargs["query_segment_ids"] = jnp.asarray(q_seg)
+        if case.segments == "cross":
+            kv_seg = np.sort(rng.randint(0, 3, size=(*case.batch, case.kv_len)), axis=-1)
+            kwargs["key_value_segment_ids"] = jnp.asarray(kv_seg)
+    if case.positions:  # a KV cache: queries are the last q_len tokens of each sequence
+        lengths = np.broadcast_to(case.kv_lengths or case.kv_len, case.batch)
+        positions = np.asarray(lengths)[..., None] - case.q_len + np.arange(case.q_len)
+        kwargs["query_positions"] = jnp.asarray(positions)
+    if case.alignment != "bottom_right":
+        kwargs["causal_alignment"] = case.alignment
     arrays = tuple(None if x is None else jnp.asarray(x, dtype) for x in (q, k, v, bias))
     return arrays, kwargs
 
@@ -230,3 +281,36 @@ def uniform_dropout_problem(
     k = jnp.ones((batch, kv_len, heads, 8))
     v = jnp.broadcast_to(jnp.eye(kv_len)[:, None, :], (batch, kv_len, heads, kv_len))
     return q, k, v
+
+
+def _unreachable(case: Case, kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(queries [batch..., q_len, heads], keys [batch..., kv_len, kv_heads])``: tokens
+    that see nothing / that no query of any head sharing them sees."""
+    allowed = ref.full_mask(case.batch, case.heads, case.q_len, case.kv_len, **kwargs)
+    rows = np.moveaxis(~allowed.any(-1), -1, -2)
+    cols = ~allowed.any(-2)  # [batch..., heads, kv_len]
+    groups = case.heads // case.kv_heads
+    cols = cols.reshape(*cols.shape[:-2], case.kv_heads, groups, case.kv_len).all(-2)
+    return rows, np.moveaxis(cols, -1, -2)
+
+
+def check_padding_never_leaks(kernel: Callable[..., Any], case: Case) -> None:
+    """NaN and inf planted in padded / masked queries, keys and values: outputs and
+    gradients equal those with zeros there (and are finite)."""
+    (q, k, v, bias), kwargs = make_inputs(case, jnp.float32)
+    dead_q, dead_k = _unreachable(case, kwargs)
+    assert dead_k.any() or dead_q.any(), f"{case.name}: nothing to plant"
+
+    def plant(x, dead, value):
+        return jnp.where(jnp.asarray(dead)[..., None], jnp.asarray(value, x.dtype), x)
+
+    cotangent = jnp.asarray(np.random.RandomState(1).randn(*output_shape(case)), jnp.float32)
+    clean = (plant(q, dead_q, 0.0), plant(k, dead_k, 0.0), plant(v, dead_k, 0.0), bias)
+    dirty = (plant(q, dead_q, np.nan), plant(k, dead_k, np.inf), plant(v, dead_k, np.nan), bias)
+    out, grads = value_and_grads(kernel, clean, kwargs, cotangent)
+    out_dirty, grads_dirty = value_and_grads(kernel, dirty, kwargs, cotangent)
+    assert np.all(np.isfinite(np.asarray(out_dirty))), f"{case.name}: NaN/inf reached the output"
+    np.testing.assert_allclose(np.asarray(out_dirty), np.asarray(out), atol=1e-6)
+    for name, g, g_dirty in zip(("query", "key", "value"), grads, grads_dirty, strict=False):
+        assert np.all(np.isfinite(np.asarray(g_dirty))), f"{case.name}: NaN/inf in d{name}"
+        np.testing.assert_allclose(np.asarray(g_dirty), np.asarray(g), atol=1e-6, err_msg=name)

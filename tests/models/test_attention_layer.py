@@ -111,3 +111,30 @@ def test_sinusoidal_and_learned_positions():
     params = learned.init(jax.random.key(0), jnp.arange(3))
     out = learned.apply(params, jnp.array([[0, 2]]))
     np.testing.assert_array_equal(out[0, 1], params["params"]["embedding"][2])
+
+
+def test_random_features_come_from_the_params_rng_and_then_stay_fixed():
+    import optax
+    from ml_collections import ConfigDict
+
+    from attn_jax.train.optim import make_optimizer
+
+    layer = models.MultiHeadAttention(
+        num_heads=2, attention="performer", attention_kwargs={"num_features": 16}
+    )
+    x = _x((2, 5, 8))
+    params = layer.init(jax.random.key(0), x)["params"]
+    other = layer.init(jax.random.key(1), x)["params"]
+    assert params["random_features"].shape == (16, 4)
+    assert not np.allclose(params["random_features"], other["random_features"])  # the seed
+    np.testing.assert_array_equal(
+        layer.apply({"params": params}, x), layer.apply({"params": params}, x)
+    )
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x) ** 2))(params)
+    assert not np.any(grads["random_features"]) and np.any(grads["query"]["kernel"])
+    optim = ConfigDict(dict(learning_rate=1e-2, warmup_steps=0, weight_decay=0.5, grad_clip=1.0))
+    tx = make_optimizer(optim, total_steps=10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    stepped = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(stepped["random_features"], params["random_features"])
+    assert not np.allclose(stepped["query"]["kernel"], params["query"]["kernel"])

@@ -1,4 +1,5 @@
-"""Transformer models: every exact kernel, KV-cache decoding, causality, padding, sowing."""
+"""Transformer models: every exact kernel, causality, padding, sowing (decoding:
+``test_decoding.py``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ MODEL_KERNELS = [n for n in EXACT if kernels.capabilities(n).mask and n not in (
 CAUSAL = [n for n in MODEL_KERNELS if kernels.capabilities(n).causal]
 # Every model in both dtypes with the reference kernel; with the others in float32.
 ZOO = [("dot_product", jnp.bfloat16)] + [(n, jnp.float32) for n in MODEL_KERNELS]
-DECODE = [("dot_product", "learned")] + [(n, "rope") for n in CAUSAL]
 
 
 def _options(**overrides) -> models.TransformerOptions:
@@ -75,57 +75,6 @@ def test_every_model_runs_forward_and_backward_with_each_kernel(kernel, dtype):
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         assert np.isfinite(float(value)), name
         _grads_are_finite_and_nonzero(grads)
-
-
-def _decode_incrementally(model, params, tokens, prefill, apply_kwargs=None, method=None):
-    """Prefill ``tokens[:, :prefill]`` into the cache, then feed one token per call."""
-    apply_kwargs = apply_kwargs or {}
-    cache = decode.init_cache(model, tokens, method=method, **apply_kwargs)
-    step = jax.jit(
-        lambda cache, tokens, kwargs: model.apply(
-            {"params": params, "cache": cache},
-            tokens,
-            decode=True,
-            mutable=["cache"],
-            method=method,
-            **kwargs,
-        )
-    )
-    outs = []
-    for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, tokens.shape[1])]:
-        logits, updated = step(cache, tokens[:, start:stop], apply_kwargs)
-        cache = updated["cache"]
-        outs.append(logits)
-    return jnp.concatenate(outs, axis=1)
-
-
-@pytest.mark.parametrize("kernel, positions", DECODE, ids=[f"{n}-{p}" for n, p in DECODE])
-def test_lm_cache_decoding_equals_full_forward(kernel, positions):
-    model = models.TransformerLM(VOCAB, _options(attention=kernel, positions=positions))
-    tokens = _tokens((2, 9))
-    params = _init(model, tokens)
-    full = jax.jit(model.apply)({"params": params}, tokens)
-    incremental = _decode_incrementally(model, params, tokens, prefill=4)
-    np.testing.assert_allclose(incremental, full, atol=2e-5)
-
-
-@pytest.mark.parametrize("kernel", CAUSAL)
-def test_encoder_decoder_cache_decoding_equals_full_forward(kernel):
-    model = models.EncoderDecoder(VOCAB, VOCAB, _options(attention=kernel, positions="sinusoidal"))
-    src = _tokens((2, 7)).at[1, 5:].set(0)  # padded source
-    tgt = _tokens((2, 6), seed=1)
-    params = _init(model, src, tgt)
-    full = jax.jit(model.apply)({"params": params}, src, tgt)
-    memory, memory_mask = model.apply({"params": params}, src, method=models.EncoderDecoder.encode)
-    incremental = _decode_incrementally(
-        model,
-        params,
-        tgt,
-        prefill=2,
-        method=models.EncoderDecoder.decode,
-        apply_kwargs={"memory": memory, "memory_mask": memory_mask},
-    )
-    np.testing.assert_allclose(incremental, full, atol=2e-5)
 
 
 def test_lm_is_causal_through_gradients():

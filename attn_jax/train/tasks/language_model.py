@@ -32,6 +32,7 @@ from attn_jax.data.copy_tasks import (
     make_induction,
 )
 from attn_jax.data.mqar import IGNORE, MQARConfig, make_mqar
+from attn_jax.data.packing import pack
 from attn_jax.data.vocab import SPECIALS
 from attn_jax.kernels.ring import ORDERINGS, shard_positions
 from attn_jax.train.tasks.base import (
@@ -55,8 +56,11 @@ RING_KWARGS = ("local_window_size", "scale", "precision")
 
 def _forward(model: models.TransformerLM, params, batch, rng, deterministic):
     """Logits, labels and label mask for a batch with either ``positions``/``answers``
-    (logits at answer positions only) or ``labels`` (``IGNORE`` where no loss)."""
+    (logits at answer positions only) or ``labels`` (``IGNORE`` where no loss), packed
+    (``segment_ids`` / ``token_positions``) or not."""
     kwargs = {"deterministic": deterministic, "rngs": {"dropout": rng}}
+    if "segment_ids" in batch:
+        kwargs.update(segment_ids=batch["segment_ids"], positions=batch["token_positions"])
     if "positions" in batch:
         logits = model.apply(
             {"params": params}, batch["inputs"], output_positions=batch["positions"], **kwargs
@@ -72,10 +76,48 @@ def _loss_fn(model: models.TransformerLM):
         logits, labels, valid = _forward(model, params, batch, rng, deterministic)
         loss, metrics = masked_cross_entropy(logits, labels, valid)
         metrics["sequence_accuracy"] = metrics["accuracy"]
+        if "segment_ids" in batch:  # examples are the segments of the rows
+            right = jnp.argmax(logits, -1) == labels
+            metrics["sequence_accuracy"] = _example_accuracy(right, valid, batch["segment_ids"])
         metrics["accuracy"] = metrics.pop("token_accuracy")
         return loss, metrics
 
     return loss_fn
+
+
+def _example_accuracy(right: jax.Array, valid: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """The fraction of packed examples (segments ``1..`` of each row, ``[rows, length]``)
+    with a loss whose every valid position is predicted right."""
+    rows, length = segment_ids.shape
+    index = (jnp.arange(rows)[:, None], segment_ids)
+    wrong = jnp.zeros((rows, length + 1), jnp.int32).at[index].add(valid & ~right)
+    counted = jnp.zeros((rows, length + 1), jnp.int32).at[index].add(valid)
+    examples = counted[:, 1:] > 0
+    correct = examples & (wrong[:, 1:] == 0)
+    return correct.sum() / jnp.maximum(examples.sum(), 1)
+
+
+def _packing(config: ml_collections.ConfigDict, length: int) -> int | None:
+    """The row length of packed training data (``config.data.pack``), or ``None``; checks
+    that the settings fit the task and kernel (errors name the key)."""
+    if not config.data.get("pack", False):
+        return None
+    attention = config.model.attention
+    if isinstance(attention, str) and not kernels.capabilities(attention).segments:
+        raise ValueError(
+            f"config.data.pack: kernel {attention!r} takes no segment ids, so packed examples "
+            "would attend to each other; choose an exact kernel (dot_product, flash, ...)"
+        )
+    if config.train.get("sequence_parallel", 1) > 1:
+        raise ValueError(
+            "config.data.pack: packed sequences are not supported with sequence parallelism"
+        )
+    row = config.data.get("pack_length", 0) or length
+    if row < length:
+        raise ValueError(
+            f"config.data.pack_length: {row} is shorter than the training length {length}"
+        )
+    return row
 
 
 def _length_generalisation(
@@ -220,6 +262,10 @@ def _lm_task(
     if ordering is not None:
         train, eval_ = _with_labels(train), _with_labels(eval_)
         sequence_parallel = _sequence_parallel_loss(model, ordering)
+    row = _packing(config, train["inputs"].shape[1])
+    if row is not None:
+        train = _with_labels(train)
+        train = pack(train["inputs"], train["labels"], row)
     return Task(
         model=model,
         train=ArrayDataset(train, seed=config.seed),
@@ -254,8 +300,10 @@ def _mqar_spec(config: ml_collections.ConfigDict) -> MQARConfig:
 
 
 def _validate_mqar(config: ml_collections.ConfigDict) -> None:
-    transformer_options(config.model, _mqar_spec(config).seq_len)
-    _sequence_parallel_ordering(config, _mqar_spec(config).seq_len)
+    seq_len = _mqar_spec(config).seq_len
+    transformer_options(config.model, max(seq_len, config.data.get("pack_length", 0)))
+    _sequence_parallel_ordering(config, seq_len)
+    _packing(config, seq_len)
 
 
 def _build_mqar(config: ml_collections.ConfigDict) -> Task:
@@ -268,7 +316,8 @@ def _build_mqar(config: ml_collections.ConfigDict) -> Task:
         answers = np.take_along_axis(labels, positions, axis=1)
         return {"inputs": inputs, "positions": positions.astype(np.int32), "answers": answers}
 
-    model = models.TransformerLM(spec.vocab_size, transformer_options(config.model, spec.seq_len))
+    max_len = max(spec.seq_len, config.data.get("pack_length", 0))
+    model = models.TransformerLM(spec.vocab_size, transformer_options(config.model, max_len))
     return _lm_task(
         config,
         model,
@@ -312,8 +361,10 @@ def _copy_spec(config: ml_collections.ConfigDict) -> CopyConfig:
 
 def _copy_options(config: ml_collections.ConfigDict) -> models.TransformerOptions:
     longest = max([_copy_spec(config).max_len, *_eval_lengths(config)])
-    _sequence_parallel_ordering(config, 2 * _copy_spec(config).max_len + 2)
-    return transformer_options(config.model, 2 * longest + 2)
+    train_length = 2 * _copy_spec(config).max_len + 2
+    _sequence_parallel_ordering(config, train_length)
+    row = _packing(config, train_length) or 0
+    return transformer_options(config.model, max(2 * longest + 2, row))
 
 
 def _build_copy(config: ml_collections.ConfigDict) -> Task:
@@ -340,7 +391,8 @@ def _induction_spec(config: ml_collections.ConfigDict) -> InductionConfig:
 def _induction_options(config: ml_collections.ConfigDict) -> models.TransformerOptions:
     longest = max([_induction_spec(config).seq_len, *_eval_lengths(config)])
     _sequence_parallel_ordering(config, _induction_spec(config).seq_len)
-    return transformer_options(config.model, longest)
+    row = _packing(config, _induction_spec(config).seq_len) or 0
+    return transformer_options(config.model, max(longest, row))
 
 
 def _build_induction(config: ml_collections.ConfigDict) -> Task:
