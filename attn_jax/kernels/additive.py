@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -45,6 +44,8 @@ def additive_logits(query: jax.Array, key: jax.Array, v: jax.Array) -> jax.Array
         causal=True,
         window=True,
         seq_lengths=True,
+        segments=True,
+        positions=True,
         dropout=True,
         gqa=True,
         weights=True,
@@ -59,18 +60,7 @@ def additive_attention(
     v: jax.Array,
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
-    *,
-    is_causal: bool = False,
-    local_window_size: int | Sequence[int] | None = None,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    broadcast_dropout: bool = False,
-    dtype: Any = None,
-    precision: Any = None,
-    return_weights: bool = False,
-    return_residual: bool = False,
+    **arguments: Any,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Additive attention (Bahdanau et al., 2015): ``softmax_j(v . tanh(q_i + k_j)) v_j``.
 
@@ -84,30 +74,17 @@ def additive_attention(
       key: ``[batch..., kv_len, kv_heads, units]`` projected keys (encoder states).
       value: ``[batch..., kv_len, kv_heads, v_head_dim]`` values (usually the encoder states).
       v: ``[heads, units]`` (or ``[units]``, shared by every head) score vector.
-      bias, mask, is_causal, local_window_size, query_seq_lengths, key_value_seq_lengths,
-      dropout_rate, dropout_rng, broadcast_dropout, dtype, precision, return_weights,
-      return_residual: as in :func:`attn_jax.kernels.dot_product_attention`.
+      bias, mask, **arguments: as in :func:`attn_jax.kernels.dot_product_attention`
+        (``is_causal``, ``local_window_size``, lengths, segment ids, positions, dropout,
+        ``dtype``, ``precision``, ``return_weights``, ``return_residual``; no ``scale``).
 
     Returns:
       ``[batch..., q_len, heads, v_head_dim]``; weights ``[batch..., heads, q_len, kv_len]``
       and/or residual when requested.
     """
-    call = api.bind(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        scale=1.0,
-        is_causal=is_causal,
-        local_window_size=local_window_size,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        broadcast_dropout=broadcast_dropout,
-        dtype=dtype,
-    )
+    if "scale" in arguments:
+        checks.fail("scale", "additive scores are not scaled")
+    call = api.bind(query, key, value, bias, mask, **arguments)
     query, key, value = call.safe_inputs()
     v = jnp.asarray(v)
     heads, units = query.shape[-2], query.shape[-1]
@@ -117,16 +94,4 @@ def additive_attention(
         )
     checks.check_floating(v, "v")
     logits = additive_logits(query, key, v)
-    return softmax_core.attend(
-        logits,
-        value,
-        bias=call.bias,
-        mask=call.visibility.dense_mask(),
-        dropout_rate=call.dropout_rate,
-        dropout_rng=call.dropout_rng,
-        broadcast_dropout=call.broadcast_dropout,
-        out_dtype=call.out_dtype,
-        precision=precision,
-        return_weights=return_weights,
-        return_residual=return_residual,
-    )
+    return call.outputs(softmax_core.attend_call(call, logits, value))

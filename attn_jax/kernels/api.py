@@ -100,6 +100,18 @@ class AttentionCall:
     def kv_heads(self) -> int:
         return self.key.shape[-2]
 
+    def outputs(self, result: AttentionOutput) -> jax.Array | tuple[jax.Array, ...]:
+        """``result`` as the caller asked for it: the output, then the weights and/or the
+        residual when requested (the ``jax.nn`` / flax return convention)."""
+        extras = []
+        if self.return_weights:
+            extras.append(result.weights)
+        if self.return_residual:
+            extras.append(result.residual)
+        if any(x is None for x in extras):
+            raise RuntimeError("the attention kernel did not return what was asked")
+        return (result.out, *extras) if extras else result.out
+
     def safe_inputs(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(query, key, value)`` with every token that can neither see nor be seen set to
         zero, so that what padding or masked positions hold (NaN, inf) never reaches the
@@ -136,38 +148,29 @@ def bind(
     value: jax.Array,
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
-    *,
-    scale: float | None = None,
-    is_causal: bool = False,
-    local_window_size: int | Sequence[int] | None = None,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-    query_segment_ids: jax.Array | None = None,
-    key_value_segment_ids: jax.Array | None = None,
-    query_positions: jax.Array | None = None,
-    key_value_positions: jax.Array | None = None,
-    causal_alignment: str = "bottom_right",
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    broadcast_dropout: bool = False,
-    dtype: Any = None,
-    precision: Any = None,
-    return_weights: bool = False,
-    return_residual: bool = False,
-    deterministic: bool = False,
+    **arguments: Any,
 ) -> AttentionCall:
     """Checks the arguments of :func:`dot_product_attention` (errors name the argument)
-    and returns the :class:`AttentionCall`."""
-    given = {k: v for k, v in locals().items() if k not in ("query", "key", "value")}
+    and returns the :class:`AttentionCall`.
+
+    ``arguments`` are the keyword arguments of :func:`dot_product_attention` (without
+    ``module``, ``implementation`` and kernel options), with its defaults.
+    """
+    defaults = _call_arguments()
+    unknown = sorted(set(arguments) - set(defaults))
+    if unknown:
+        checks.fail(unknown[0], f"not an argument of dot_product_attention ({sorted(defaults)})")
+    a = {**defaults, **arguments}
+    given = {"bias": bias, "mask": mask, **a}
     if np.shape(query)[-3:-2] == np.shape(key)[-3:-2]:
         given.pop("causal_alignment")  # the alignments agree when q_len == kv_len
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     checks.check_qkv(query, key, value)
-    if dtype is None:
+    if a["dtype"] is None:
         checks.check_same_dtype(query, key, value)
         out_dtype = query.dtype
     else:
-        out_dtype = jnp.dtype(dtype)
+        out_dtype = jnp.dtype(a["dtype"])
         query, key, value = (x.astype(out_dtype) for x in (query, key, value))
     batch_shape = tuple(query.shape[:-3])
     q_len, heads, head_dim = query.shape[-3:]
@@ -176,31 +179,19 @@ def bind(
     if bias is not None:
         bias = jnp.asarray(bias)
         checks.check_broadcastable(bias, target, "bias")
-        bias = bias.reshape((1,) * (len(target) - bias.ndim) + bias.shape)
+        bias = checks.full_rank(bias, target, "bias")
     visibility = vis.build(
-        batch_shape,
-        heads,
-        q_len,
-        kv_len,
-        mask=mask,
-        is_causal=is_causal,
-        local_window_size=local_window_size,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        query_segment_ids=query_segment_ids,
-        key_value_segment_ids=key_value_segment_ids,
-        query_positions=query_positions,
-        key_value_positions=key_value_positions,
-        causal_alignment=causal_alignment,
+        batch_shape, heads, q_len, kv_len, mask=mask, **{k: a[k] for k in vis.BUILD_ARGUMENTS}
     )
+    scale = a["scale"]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     try:
         scale = float(scale)
     except (TypeError, jax.errors.ConcretizationTypeError):
         checks.fail("scale", f"expected a concrete float, got {scale!r}")
-    rate = 0.0 if deterministic else _dropout_rate(dropout_rate)
-    if rate > 0.0 and dropout_rng is None:
+    rate = 0.0 if a["deterministic"] else _dropout_rate(a["dropout_rate"])
+    if rate > 0.0 and a["dropout_rng"] is None:
         checks.fail("dropout_rng", "a jax.random key is required when dropout_rate > 0")
     given["dropout_rate"] = rate
     return AttentionCall(
@@ -211,14 +202,26 @@ def bind(
         visibility=visibility,
         scale=scale,
         dropout_rate=rate,
-        dropout_rng=dropout_rng if rate > 0.0 else None,
-        broadcast_dropout=bool(broadcast_dropout),
-        precision=precision,
+        dropout_rng=a["dropout_rng"] if rate > 0.0 else None,
+        broadcast_dropout=bool(a["broadcast_dropout"]),
+        precision=a["precision"],
         out_dtype=out_dtype,
-        return_weights=bool(return_weights),
-        return_residual=bool(return_residual),
+        return_weights=bool(a["return_weights"]),
+        return_residual=bool(a["return_residual"]),
         requested=_requested(visibility, bias, heads, kv_heads, given),
     )
+
+
+@functools.cache
+def _call_arguments() -> dict[str, Any]:
+    """The keyword arguments of :func:`dot_product_attention` that :func:`bind` checks,
+    with their defaults (one signature for both)."""
+    skip = {"query", "key", "value", "bias", "mask", "module", "implementation"}
+    return {
+        name: p.default
+        for name, p in inspect.signature(dot_product_attention).parameters.items()
+        if name not in skip and p.kind is p.KEYWORD_ONLY
+    }
 
 
 def _dropout_rate(rate: Any) -> float:
@@ -253,8 +256,7 @@ def check_supported(spec: registry.KernelSpec, call: AttentionCall) -> None:
 def _run(spec: registry.KernelSpec, call: AttentionCall, raw: dict, options: dict):
     """Runs one kernel: a core on the validated call, a plain kernel on the raw arguments."""
     if spec.core is None:
-        outputs = spec.fn(*raw.pop("__args__"), **raw, **options)
-        return outputs
+        return spec.fn(*raw.pop("__args__"), **raw, **options)
     check_supported(spec, call)
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
@@ -265,14 +267,7 @@ def _run(spec: registry.KernelSpec, call: AttentionCall, raw: dict, options: dic
     result = spec.core(call, **options)
     if not isinstance(result, AttentionOutput):  # a bare output array
         result = AttentionOutput(result)
-    extras = []
-    if call.return_weights:
-        extras.append(result.weights)
-    if call.return_residual:
-        extras.append(result.residual)
-    if any(x is None for x in extras):
-        raise RuntimeError(f"attention kernel {spec.name!r} did not return what was asked")
-    return (result.out, *extras) if extras else result.out
+    return call.outputs(result)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,26 +395,14 @@ def dot_product_attention(
       Query rows with no visible key give zeros (and zero weights); what padded or masked
       positions hold never reaches outputs or gradients.
     """
-    raw = {
-        k: v
-        for k, v in locals().items()
-        if k not in ("query", "key", "value", "bias", "mask", "implementation", "kernel_options")
-        and k != "module"
-    }
+    raw = {k: v for k, v in locals().items() if k in _call_arguments()}
     names = _implementations(implementation)
     if kernel_options and (names is None or len(names) != 1):
         raise AttentionInputError(
             f"argument {next(iter(kernel_options))!r}: kernel options need one named "
             "implementation (implementation='flash', ...)"
         )
-    call = bind(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        **{k: raw[k] for k in inspect.signature(bind).parameters if k in raw},
-    )
+    call = bind(query, key, value, bias, mask, **raw)
     # A plain kernel gets the arguments as given, those that ask for something; dropout
     # after `deterministic`.
     plain_raw = {

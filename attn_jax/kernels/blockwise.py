@@ -96,18 +96,26 @@ class Canonical:
     out_dtype: Any
 
 
-def plan(c: Canonical) -> Plan:
-    """Classifies the blocks of ``c`` (from its tokens and mask)."""
-    layout = c.layout
-    classes = vis.block_classes(
-        c.q_tokens,
-        c.k_tokens,
-        c.mask,
-        block_q=layout.block_q,
-        block_k=layout.block_k,
+def classify(
+    layout: BlockLayout, q_tok: Tokens, k_tok: Tokens, mask, block_q: int, block_k: int
+) -> jax.Array:
+    """:func:`~attn_jax.kernels.visibility.block_classes` of ``block_q`` x ``block_k``
+    blocks, with the layout's causal flag and window."""
+    return vis.block_classes(
+        q_tok,
+        k_tok,
+        mask,
+        block_q=block_q,
+        block_k=block_k,
         is_causal=layout.is_causal,
         window=layout.window,
     )
+
+
+def plan(c: Canonical) -> Plan:
+    """Classifies the blocks of ``c`` (from its tokens and mask)."""
+    layout = c.layout
+    classes = classify(layout, c.q_tokens, c.k_tokens, c.mask, layout.block_q, layout.block_k)
     order, count = vis.visible_blocks(classes)
     return Plan(classes, order, count)
 

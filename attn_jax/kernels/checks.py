@@ -22,6 +22,7 @@ __all__ = [
     "check_qkv",
     "check_rank_at_least",
     "fail",
+    "full_rank",
 ]
 
 
@@ -107,6 +108,19 @@ def check_same_dtype(query: jax.Array, key: jax.Array, value: jax.Array) -> None
             )
 
 
+def full_rank(x: jax.Array, target: Sequence[int], argument: str) -> jax.Array:
+    """``x`` reshaped to ``len(target)`` dimensions (leading 1s), after checking that it
+    broadcasts to ``target`` without enlarging it."""
+    target = tuple(target)
+    try:
+        ok = np.broadcast_shapes(tuple(x.shape), target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        fail(argument, f"shape {tuple(x.shape)} does not broadcast to {target}")
+    return x.reshape((1,) * (len(target) - x.ndim) + tuple(x.shape))
+
+
 def check_broadcastable(
     x: jax.Array | None, target: Sequence[int], argument: str, *, boolean: bool = False
 ) -> None:
@@ -123,28 +137,17 @@ def check_broadcastable(
         jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
     ):
         fail(argument, f"expected a numeric array, got dtype {x.dtype}")
-    target = tuple(target)
-    try:
-        ok = np.broadcast_shapes(tuple(x.shape), target) == target
-    except ValueError:
-        ok = False
-    if not ok:
-        fail(argument, f"shape {x.shape} does not broadcast to {target}")
+    full_rank(x, target, argument)
 
 
 def check_lengths(lengths: jax.Array | None, batch_shape: Sequence[int], argument: str) -> None:
     """Asserts ``lengths`` is an integer array broadcastable to ``batch_shape``."""
     if lengths is None:
         return
-    if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
-        fail(argument, f"expected an integer array, got dtype {jnp.asarray(lengths).dtype}")
-    check_shape = tuple(jnp.shape(lengths))
-    try:
-        ok = np.broadcast_shapes(check_shape, tuple(batch_shape)) == tuple(batch_shape)
-    except ValueError:
-        ok = False
-    if not ok:
-        fail(argument, f"shape {check_shape} does not broadcast to batch shape {batch_shape}")
+    lengths = jnp.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        fail(argument, f"expected an integer array, got dtype {lengths.dtype}")
+    full_rank(lengths, batch_shape, argument)
 
 
 def check_block_sizes(**sizes: Any) -> None:

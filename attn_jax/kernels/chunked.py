@@ -19,7 +19,7 @@ from attn_jax.kernels import blockwise
 from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
 from attn_jax.kernels.blockwise import MASK_VALUE, Canonical, Plan
-from attn_jax.kernels.registry import Capabilities, register
+from attn_jax.kernels.registry import TOKEN_VISIBILITY, register
 
 __all__ = ["chunked_attention"]
 
@@ -73,19 +73,7 @@ def _attend_query_chunk(c: Canonical, plan: Plan, iq: jax.Array) -> jax.Array:
     return values / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-@register(
-    "chunked",
-    capabilities=Capabilities(
-        mask=True,
-        bias=True,
-        causal=True,
-        window=True,
-        seq_lengths=True,
-        segments=True,
-        positions=True,
-        gqa=True,
-    ),
-)
+@register("chunked", capabilities={*TOKEN_VISIBILITY, "mask", "bias"})
 def chunked_attention(
     call: AttentionCall, *, query_chunk_size: int = 1024, key_chunk_size: int = 4096
 ) -> AttentionOutput:

@@ -20,7 +20,7 @@ from attn_jax.kernels import blockwise
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
 from attn_jax.kernels.blockwise import MASK_VALUE, BlockLayout
 from attn_jax.kernels.blockwise import zeros_like_inputs as _zeros
-from attn_jax.kernels.registry import Capabilities, register
+from attn_jax.kernels.registry import TOKEN_VISIBILITY, register
 
 __all__ = ["flash_attention"]
 
@@ -149,20 +149,7 @@ def _backward(layout: BlockLayout, q, k, v, bias, aux, out, lse, d_out, d_lse):
 _flash = blockwise.attention_with_vjp(_forward, _backward)
 
 
-@register(
-    "flash",
-    capabilities=Capabilities(
-        mask=True,
-        bias=True,
-        causal=True,
-        window=True,
-        seq_lengths=True,
-        segments=True,
-        positions=True,
-        gqa=True,
-        residual=True,
-    ),
-)
+@register("flash", capabilities={*TOKEN_VISIBILITY, "mask", "bias", "residual"})
 def flash_attention(
     call: AttentionCall,
     *,

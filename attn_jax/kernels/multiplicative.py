@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -37,6 +36,8 @@ def _project_query(query: jax.Array, weight: jax.Array, d_k: int, precision: Any
         causal=True,
         window=True,
         seq_lengths=True,
+        segments=True,
+        positions=True,
         dropout=True,
         gqa=True,
         weights=True,
@@ -54,17 +55,7 @@ def multiplicative_attention(
     score: str = "dot",
     weight: jax.Array | None = None,
     scale: float | None = None,
-    is_causal: bool = False,
-    local_window_size: int | Sequence[int] | None = None,
-    query_seq_lengths: jax.Array | None = None,
-    key_value_seq_lengths: jax.Array | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    broadcast_dropout: bool = False,
-    dtype: Any = None,
-    precision: Any = None,
-    return_weights: bool = False,
-    return_residual: bool = False,
+    **arguments: Any,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Luong et al. (2015) attention: ``dot`` = ``q . k``, ``general`` = ``q^T W k``.
 
@@ -78,7 +69,7 @@ def multiplicative_attention(
       score: ``"dot"`` or ``"general"``.
       weight: ``general`` only: ``[heads, d_q, d_k]`` (or ``[d_q, d_k]`` shared).
       scale: multiplies the logits (default ``None`` = 1.0, unscaled as in Luong et al.).
-      bias, mask, ...: as in :func:`attn_jax.kernels.dot_product_attention`.
+      bias, mask, **arguments: as in :func:`attn_jax.kernels.dot_product_attention`.
 
     Returns:
       ``[batch..., q_len, heads, v_head_dim]``; weights / residual when requested.
@@ -92,39 +83,15 @@ def multiplicative_attention(
             raise checks.AttentionInputError("argument 'weight': required for score='general'")
         checks.check_rank_at_least(query, 3, "query", "[batch..., q_len, heads, d_q]")
         checks.check_rank_at_least(key, 3, "key", "[batch..., kv_len, kv_heads, d_k]")
+        precision = arguments.get("precision")
         query = _project_query(jnp.asarray(query), jnp.asarray(weight), key.shape[-1], precision)
     elif weight is not None:
         raise checks.AttentionInputError(
             "argument 'weight': only used by score='general' (got score='dot')"
         )
     call = api.bind(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        scale=1.0,
-        is_causal=is_causal,
-        local_window_size=local_window_size,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-        broadcast_dropout=broadcast_dropout,
-        dtype=dtype,
+        query, key, value, bias, mask, scale=1.0 if scale is None else scale, **arguments
     )
     query, key, value = call.safe_inputs()
-    logits = softmax_core.dot_logits(query, key, 1.0 if scale is None else scale, precision)
-    return softmax_core.attend(
-        logits,
-        value,
-        bias=call.bias,
-        mask=call.visibility.dense_mask(),
-        dropout_rate=call.dropout_rate,
-        dropout_rng=call.dropout_rng,
-        broadcast_dropout=call.broadcast_dropout,
-        out_dtype=call.out_dtype,
-        precision=precision,
-        return_weights=return_weights,
-        return_residual=return_residual,
-    )
+    logits = softmax_core.dot_logits(query, key, call.scale, call.precision)
+    return call.outputs(softmax_core.attend_call(call, logits, value))

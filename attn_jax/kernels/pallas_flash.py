@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from attn_jax.kernels import blockwise, checks, softmax_core
 from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
-from attn_jax.kernels.registry import Capabilities, register
+from attn_jax.kernels.registry import TOKEN_VISIBILITY, register
 from attn_jax.kernels.visibility import Tokens
 
 __all__ = ["pallas_flash_attention"]
@@ -252,12 +252,7 @@ def _plan_rows(order: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.concatenate([count[:, None], order], axis=1).astype(jnp.int32)
 
 
-@register(
-    "pallas_flash",
-    capabilities=Capabilities(
-        causal=True, window=True, seq_lengths=True, segments=True, positions=True, gqa=True
-    ),
-)
+@register("pallas_flash", capabilities=TOKEN_VISIBILITY)
 def pallas_flash_attention(
     call: AttentionCall,
     *,

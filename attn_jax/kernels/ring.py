@@ -40,7 +40,7 @@ from attn_jax.kernels import blockwise, checks
 from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
 from attn_jax.kernels.blockwise import MASK_VALUE, BlockLayout, zeros_like_inputs
-from attn_jax.kernels.registry import Capabilities, register
+from attn_jax.kernels.registry import TOKEN_VISIBILITY, register
 from attn_jax.kernels.visibility import Tokens
 
 __all__ = ["ORDERINGS", "ring_attention", "shard_positions"]
@@ -138,15 +138,8 @@ def _tile(layout: RingLayout, src, iq, jk, q_tok, k_tok, mask) -> _Tile:
 
 def _tile_class(layout: RingLayout, tile: _Tile) -> jax.Array:
     """The tile's :data:`~attn_jax.kernels.visibility.HIDDEN` / ``PARTIAL`` / ``FULL``."""
-    b = layout.block
-    classes = vis.block_classes(
-        tile.q_tok,
-        tile.k_tok,
-        tile.mask,
-        block_q=layout.tile_q,
-        block_k=layout.tile_k,
-        is_causal=b.is_causal,
-        window=b.window,
+    classes = blockwise.classify(
+        layout.block, tile.q_tok, tile.k_tok, tile.mask, layout.tile_q, layout.tile_k
     )
     return classes[0, 0]
 
@@ -315,20 +308,7 @@ def _unstripe(x: jax.Array, axis: int, devices: int) -> jax.Array:
     return jnp.swapaxes(x, axis, axis + 1).reshape(shape)
 
 
-@register(
-    "ring",
-    capabilities=Capabilities(
-        mask=True,
-        bias=True,
-        causal=True,
-        window=True,
-        seq_lengths=True,
-        segments=True,
-        positions=True,
-        gqa=True,
-        residual=True,
-    ),
-)
+@register("ring", capabilities={*TOKEN_VISIBILITY, "mask", "bias", "residual"})
 def ring_attention(
     call: AttentionCall,
     *,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from attn_jax.kernels import blockwise
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
 from attn_jax.kernels.blockwise import MASK_VALUE
-from attn_jax.kernels.registry import Capabilities, register
+from attn_jax.kernels.registry import TOKEN_VISIBILITY, Capabilities, register
 
 __all__ = ["band_blocks", "sliding_window_attention"]
 
@@ -35,15 +35,7 @@ def band_blocks(call: AttentionCall, block: int, num_k_blocks: int) -> int:
 
 @register(
     "sliding_window",
-    capabilities=Capabilities(
-        causal=True,
-        window=True,
-        seq_lengths=True,
-        segments=True,
-        positions=True,
-        gqa=True,
-        decode="rolling_cache",
-    ),
+    capabilities=Capabilities(**dict.fromkeys(TOKEN_VISIBILITY, True), decode="rolling_cache"),
 )
 def sliding_window_attention(call: AttentionCall, *, block_size: int = 64) -> AttentionOutput:
     """Attention restricted to ``local_window_size=(left, right)`` around each query's

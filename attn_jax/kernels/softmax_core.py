@@ -9,13 +9,16 @@ fully-masked query rows give zeros (output and weights) and finite gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attn_jax.kernels import checks
+
+if TYPE_CHECKING:
+    from attn_jax.kernels.api import AttentionCall, AttentionOutput
 
 # Large finite negative fill for masked logits (float32 softmax; -inf would give NaN rows,
 # finfo.min could overflow to -inf after subtracting the row maximum).
@@ -138,6 +141,30 @@ def attend(
     if return_residual:
         extras.append(jnp.moveaxis(lse[..., 0], -2, -1))
     return (out, *extras) if extras else out
+
+
+def attend_call(call: AttentionCall, logits: jax.Array, value: jax.Array) -> AttentionOutput:
+    """:func:`attend` with the bias, visibility (as a dense mask), dropout, dtypes and
+    requested outputs of a validated ``call``."""
+    from attn_jax.kernels.api import AttentionOutput
+
+    outputs = attend(
+        logits,
+        value,
+        bias=call.bias,
+        mask=call.visibility.dense_mask(),
+        dropout_rate=call.dropout_rate,
+        dropout_rng=call.dropout_rng,
+        broadcast_dropout=call.broadcast_dropout,
+        out_dtype=call.out_dtype,
+        precision=call.precision,
+        return_weights=call.return_weights,
+        return_residual=call.return_residual,
+    )
+    out, *extras = outputs if isinstance(outputs, tuple) else (outputs,)
+    weights = extras.pop(0) if call.return_weights else None
+    residual = extras.pop(0) if call.return_residual else None
+    return AttentionOutput(out, residual, weights)
 
 
 def logits_shape(

@@ -28,6 +28,7 @@ rotates with its key/value shards.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -370,19 +371,6 @@ def _as_int_array(x: Any, argument: str) -> jax.Array:
     return x.astype(jnp.int32)
 
 
-def _full_rank(x: jax.Array, target: Sequence[int], argument: str) -> jax.Array:
-    """``x`` reshaped to ``len(target)`` dimensions (leading 1s), after checking that it
-    broadcasts to ``target`` without enlarging it."""
-    target = tuple(target)
-    try:
-        ok = np.broadcast_shapes(tuple(x.shape), target) == target
-    except ValueError:
-        ok = False
-    if not ok:
-        checks.fail(argument, f"shape {tuple(x.shape)} does not broadcast to {target}")
-    return x.reshape((1,) * (len(target) - x.ndim) + tuple(x.shape))
-
-
 def normalize_window(local_window_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     """``int`` or ``(left, right)`` non-negative ints -> ``(left, right)``; ``None`` stays."""
     if local_window_size is None:
@@ -405,6 +393,14 @@ def normalize_window(local_window_size: int | Sequence[int] | None) -> tuple[int
     if min(window) < 0:
         checks.fail("local_window_size", f"window sizes must be >= 0, got {window}")
     return window
+
+
+def _build_arguments() -> tuple[str, ...]:
+    return tuple(
+        name
+        for name, p in inspect.signature(build).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name != "mask"
+    )
 
 
 def build(
@@ -439,21 +435,19 @@ def build(
         checks.fail("is_causal", f"expected a Python bool, got {is_causal!r}")
     if mask is not None:
         mask = jnp.asarray(mask)
-        if mask.dtype != jnp.bool_:
-            checks.fail(
-                "mask",
-                f"expected a boolean array (True = may attend), got dtype {mask.dtype} (flax's "
-                "mask helpers take dtype=bool; kernels.flax_attention_fn converts float masks)",
-            )
-        mask = _full_rank(mask, (*batch_shape, heads, q_len, kv_len), "mask")
+        target = (*batch_shape, heads, q_len, kv_len)
+        checks.check_broadcastable(mask, target, "mask", boolean=True)
+        mask = checks.full_rank(mask, target, "mask")
 
     def lengths(x, argument):
-        return None if x is None else _full_rank(_as_int_array(x, argument), batch_shape, argument)
+        if x is None:
+            return None
+        return checks.full_rank(_as_int_array(x, argument), batch_shape, argument)
 
     def per_token(x, n, argument):
         if x is None:
             return None
-        return _full_rank(_as_int_array(x, argument), (*batch_shape, n), argument)
+        return checks.full_rank(_as_int_array(x, argument), (*batch_shape, n), argument)
 
     if key_value_segment_ids is None and query_segment_ids is not None:
         if q_len != kv_len:
@@ -479,3 +473,7 @@ def build(
         alignment=causal_alignment,
         batch_rank=len(batch_shape),
     )
+
+
+# The jax.nn-style visibility arguments of :func:`build` (besides ``mask``).
+BUILD_ARGUMENTS = _build_arguments()
