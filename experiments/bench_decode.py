@@ -7,7 +7,8 @@ already holding ``length - 1`` tokens. Reported, in one process:
 
 - cache bytes per sequence (every layer's ``'cache'`` collection);
 - the compiled step's scratch memory (``memory_analysis().temp_size_in_bytes``);
-- the median time of one decoding step over at least 5 runs after a warm-up.
+- the median time of one decoding step over at least 5 runs after a warm-up (the cases
+  take turns, so the machine's load changes hit them alike).
 
 Outputs ``bench_decode.json``, ``bench_decode.md`` and ``bench_decode.png`` in
 ``--out_dir``::
@@ -44,7 +45,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("layers", 2, "Layers.")
     flags.DEFINE_integer("heads", 8, "Heads.")
     flags.DEFINE_integer("batch", 1, "Sequences decoded together.")
-    flags.DEFINE_integer("repeats", 20, "Timed steps (median; >= 5).")
+    flags.DEFINE_integer("repeats", 100, "Timed steps (median; >= 5).")
     flags.DEFINE_string("out_dir", "runs/bench_decode", "Output directory.")
 
 
@@ -75,8 +76,9 @@ def _filled(cache: Any, count: int) -> Any:
     return jax.tree_util.tree_map_with_path(fill, cache)
 
 
-def measure(kernel: str, length: int, config: dict[str, Any]) -> dict[str, Any]:
-    """One kernel at one cache length."""
+def prepare(kernel: str, length: int, config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """One kernel at one cache length: its row (without the time) and a function that runs
+    one compiled decoding step."""
     model = _model(kernel, length, config)
     batch = config["batch"]
     tokens = jnp.zeros((batch, length), jnp.int32)
@@ -92,20 +94,31 @@ def measure(kernel: str, length: int, config: dict[str, Any]) -> dict[str, Any]:
 
     token = jnp.ones((batch, 1), jnp.int32)
     compiled = jax.jit(step).lower(cache, token).compile()
-    scratch = compiled.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(compiled(cache, token))
-    times = []
-    for _ in range(config["repeats"]):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(cache, token))
-        times.append(time.perf_counter() - start)
-    return {
+    run = lambda: jax.block_until_ready(compiled(cache, token))
+    run()  # warm-up
+    row = {
         "kernel": kernel,
         "length": length,
         "cache_bytes_per_sequence": int(per_sequence),
-        "scratch_bytes": int(scratch),
-        "ms_per_token": 1e3 * statistics.median(times),
+        "scratch_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
     }
+    return row, run
+
+
+def measure(cases: list[tuple[str, int]], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for every ``(kernel, length)``; the steps are timed in turn, one of each per
+    round, so a change in the machine's load hits every case alike."""
+    prepared = [prepare(kernel, length, config) for kernel, length in cases]
+    times: list[list[float]] = [[] for _ in prepared]
+    for _ in range(config["repeats"]):
+        for (_, run), mine in zip(prepared, times, strict=True):
+            start = time.perf_counter()
+            run()
+            mine.append(time.perf_counter() - start)
+    return [
+        {**row, "ms_per_token": 1e3 * statistics.median(mine)}
+        for (row, _), mine in zip(prepared, times, strict=True)
+    ]
 
 
 def markdown(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
@@ -159,11 +172,9 @@ def main(argv: list[str]) -> None:
     config = {
         k: getattr(FLAGS, k) for k in ("window", "width", "layers", "heads", "batch", "repeats")
     }
-    rows = []
-    for kernel in FLAGS.kernels:
-        for length in lengths:
-            rows.append(measure(kernel, length, config))
-            print(rows[-1], flush=True)
+    rows = measure([(kernel, length) for kernel in FLAGS.kernels for length in lengths], config)
+    for row in rows:
+        print(row)
     out_dir = pathlib.Path(FLAGS.out_dir)
     reporting.write_outputs(out_dir, "bench_decode", {"config": config, "rows": rows},
                             markdown(rows, config))  # fmt: skip

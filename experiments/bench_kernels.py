@@ -85,6 +85,10 @@ def _segment_ids(length: int, segments: int) -> jax.Array:
 def contenders(window: int, causal: bool, segments: int = 1) -> dict[str, Callable[..., jax.Array]]:
     """name -> ``fn(q, k, v)`` for every available contender (with ``segments > 1``, only
     the kernels that take segment ids)."""
+    extra: dict[str, dict[str, Any]] = {
+        "sliding_window": {"local_window_size": (window, 0 if causal else window)},
+        "performer": {"rng": jax.random.key(0)},
+    }
     if segments > 1:
         out = {}
         for name in kernels.available(interface="dot_product"):
@@ -92,9 +96,9 @@ def contenders(window: int, causal: bool, segments: int = 1) -> dict[str, Callab
                 name.startswith("pallas") and jax.default_backend() != "gpu"
             ):
                 continue
-            kernel = kernels.get(name)
-            out[name] = lambda q, k, v, kernel=kernel: kernel(
-                q, k, v, is_causal=causal, query_segment_ids=_segment_ids(q.shape[1], segments)
+            kernel, kwargs = kernels.get(name), {"is_causal": causal, **extra.get(name, {})}
+            out[name] = lambda q, k, v, kernel=kernel, kwargs=kwargs: kernel(
+                q, k, v, query_segment_ids=_segment_ids(q.shape[1], segments), **kwargs
             )
         return out
     out: dict[str, Callable[..., jax.Array]] = {
@@ -115,10 +119,6 @@ def contenders(window: int, causal: bool, segments: int = 1) -> dict[str, Callab
         return nn.dot_product_attention(q, k, v, mask=mask)
 
     out["flax"] = flax_attention
-    extra: dict[str, dict[str, Any]] = {
-        "sliding_window": {"local_window_size": (window, 0 if causal else window)},
-        "performer": {"rng": jax.random.key(0)},
-    }
     for name in kernels.available(interface="dot_product"):
         if name.startswith("pallas") and jax.default_backend() != "gpu":
             continue  # the Pallas interpreter is a correctness tool, not a contender

@@ -8,13 +8,10 @@ kernels: the conformance suite then checks them too.
 import importlib
 import os
 
-# 8 simulated CPU devices for pmap / shard_map tests; a cheaper LLVM pipeline because the
-# suite compiles hundreds of tiny programs and never times them.
-_FLAGS = {
-    "xla_force_host_platform_device_count": "8",
-    "xla_backend_optimization_level": "0",
-    "xla_llvm_disable_expensive_passes": "true",
-}
+from tests.xla_flags import CHEAP_COMPILATION
+
+# 8 simulated CPU devices for pmap / shard_map tests, and the cheaper LLVM pipeline.
+_FLAGS = {"xla_force_host_platform_device_count": "8", **CHEAP_COMPILATION}
 _existing = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
     [_existing] + [f"--{k}={v}" for k, v in _FLAGS.items() if k not in _existing]

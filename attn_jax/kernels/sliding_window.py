@@ -20,17 +20,22 @@ from attn_jax.kernels.registry import TOKEN_VISIBILITY, Capabilities, register
 
 __all__ = ["band_blocks", "sliding_window_attention"]
 
+# Keys are classified in blocks of 16: the band read per query block is then at most 31
+# keys wider than the window needs.
+KEY_BLOCK = 16
 
-def band_blocks(call: AttentionCall, block: int, num_k_blocks: int) -> int:
-    """How many key blocks a query block can see at most (a static bound): from the window
-    when positions are the defaults (consecutive), else every block."""
+
+def band_blocks(call: AttentionCall, block_q: int, block_k: int, num_k_blocks: int) -> int:
+    """How many key blocks of ``block_k`` keys a block of ``block_q`` queries can see at
+    most (a static bound): from the window when positions are the defaults (consecutive),
+    else every block."""
     window = call.visibility.window
     if window is None or call.visibility.explicit_positions:
         return num_k_blocks
     left, right = window
     if call.visibility.is_causal:
         right = min(right, 0)
-    return min(num_k_blocks, (block + left + right - 1) // block + 2)
+    return min(num_k_blocks, (block_q + left + right - 1) // block_k + 2)
 
 
 @register(
@@ -44,26 +49,25 @@ def sliding_window_attention(call: AttentionCall, *, block_size: int = 64) -> At
     window every key is in reach and this is (exact, quadratic) full attention.
 
     Options:
-      block_size: queries (and keys) per block.
+      block_size: queries per block (keys are read in blocks of 16).
     """
-    c = blockwise.canonicalize(call, block_q=block_size, block_k=block_size)
+    c = blockwise.canonicalize(call, block_q=block_size, block_k=KEY_BLOCK)
     layout = c.layout
     plan = blockwise.plan(c)
-    band = band_blocks(call, layout.block_q, layout.num_k_blocks)
-    order = plan.order[:, :band]  # the hidden blocks past `count` are masked out below
-    batch, kv_heads, groups, _, dim = c.query.shape
-    bk = layout.block_k
-    blocks = lambda x: x.reshape(*x.shape[:2], layout.num_k_blocks, bk, *x.shape[3:])
-    keys, values = blocks(c.key), blocks(c.value)  # [b, h, nk, bk, d]
-    k_tokens = c.k_tokens.map(lambda x: x.reshape(batch, layout.num_k_blocks, bk))
+    band = band_blocks(call, layout.block_q, layout.block_k, layout.num_k_blocks)
+    # The visible key blocks of a query block lie in `band` consecutive blocks from its
+    # first visible one (a band narrower than all blocks needs default positions), so one
+    # contiguous slice reads them (a gather would cost a scatter-add in the gradient); the
+    # hidden blocks inside it are masked out below.
+    width = band * layout.block_k
 
     def one_query_block(iq):
         q0 = iq * layout.block_q
         q_blk = jax.lax.dynamic_slice_in_dim(c.query, q0, layout.block_q, axis=3)
-        chosen = order[iq]  # [band]
-        k_blk = keys[:, :, chosen].reshape(batch, kv_heads, band * bk, dim)
-        v_blk = values[:, :, chosen].reshape(batch, kv_heads, band * bk, -1)
-        k_tok = k_tokens.map(lambda x: x[:, chosen].reshape(batch, band * bk))
+        first = jnp.minimum(plan.order[iq, 0], layout.num_k_blocks - band) * layout.block_k
+        k_blk = jax.lax.dynamic_slice_in_dim(c.key, first, width, axis=2)
+        v_blk = jax.lax.dynamic_slice_in_dim(c.value, first, width, axis=2)
+        k_tok = blockwise.slice_tokens(c.k_tokens, first, width)
         s = blockwise.block_scores(layout, q_blk, k_blk, None)
         visible = blockwise.block_visible(
             layout, blockwise.slice_tokens(c.q_tokens, q0, layout.block_q), k_tok, None
@@ -76,5 +80,5 @@ def sliding_window_attention(call: AttentionCall, *, block_size: int = 64) -> At
         return jnp.einsum("bhgqk,bhkd->bhgqd", p, v_blk, precision=layout.precision)
 
     out = jax.lax.map(one_query_block, jnp.arange(layout.num_q_blocks, dtype=jnp.int32))
-    out = jnp.moveaxis(out, 0, 3).reshape(batch, kv_heads, groups, -1, out.shape[-1])
+    out = jnp.moveaxis(out, 0, 3).reshape(*c.query.shape[:3], -1, out.shape[-1])
     return AttentionOutput(blockwise.restore(out, c))

@@ -55,7 +55,7 @@ def _build(batch, heads, q_len, kv_len, kwargs):
     return vis.build(batch, heads, q_len, kv_len, **arrays)
 
 
-@settings(max_examples=30)
+@settings(max_examples=15)
 @given(p=visibility_problems())
 def test_dense_mask_matches_the_reference_definition(p):
     batch, heads, q_len, kv_len, kwargs = p
@@ -76,7 +76,7 @@ _block_classes = jax.jit(
 )
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(p=visibility_problems(), block_q=st.integers(1, 4), block_k=st.integers(1, 4))
 def test_block_classes_are_conservative_and_reachability_sound(p, block_q, block_k):
     batch, heads, q_len, kv_len, kwargs = p

@@ -25,6 +25,7 @@ from attn_jax.train.optuna_search import (
 )
 from attn_jax.train.sweep import SweepInterruptedError
 from configs import mqar
+from tests.xla_flags import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPACE = {"optim.learning_rate": log_uniform(1e-4, 1e-1), "model.positions": categorical(["a"])}
@@ -156,7 +157,7 @@ def test_launcher_optuna_sweep_side_by_side(tmp_path):
         "--sweep_parallel=2",
         f"--workdir={tmp_path}",
     ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices=2)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "sweep done: 2 trials" in result.stdout

@@ -22,6 +22,7 @@ from attn_jax.train.sweep import (
     zipped,
 )
 from configs import mqar
+from tests.xla_flags import xla_flags
 
 
 def test_trial_helpers():
@@ -126,7 +127,7 @@ def test_launcher_sweep_flag(tmp_path):
         "--sweep",
         f"--workdir={tmp_path}",
     ]
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert "sweep done: 2 trials" in result.stdout

@@ -23,6 +23,7 @@ from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
 from attn_jax.train.sweep import apply_overrides
 from attn_jax.train.validate import ConfigError, validate_train_config
 from configs import mqar
+from tests.xla_flags import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -106,7 +107,7 @@ def _launch(workdir, *flags, env=None, audit=None):
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "XLA_FLAGS": "", **(env or {})},
+        env={**os.environ, "XLA_FLAGS": xla_flags(), **(env or {})},
     )
 
 
@@ -200,7 +201,7 @@ def test_invalid_config_values_name_the_key(key, value, message):
 )
 def test_launcher_rejects_bad_input_before_writing_anything(tmp_path, flag, message):
     workdir = tmp_path / "run"
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {"XLA_FLAGS": xla_flags(devices=8)}
     process = _launch(workdir, *flag.split(), env=env)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2, err
@@ -216,7 +217,7 @@ def test_two_processes_train_like_one_process_with_all_their_devices(tmp_path):
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {"XLA_FLAGS": xla_flags(devices=2)}
     from_flags = _launch(  # process 0 from flags, process 1 from the environment
         tmp_path / "two",
         "--distributed",
@@ -263,7 +264,7 @@ def test_sigterm_stops_a_parallel_sweep_with_a_checkpoint_per_running_trial(tmp_
         "--sweep",
         "--sweep_parallel=2",
     )
-    sweep = _launch(tmp_path, *flags, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    sweep = _launch(tmp_path, *flags, env={"XLA_FLAGS": xla_flags(devices=2)})
     seen = set()
     for line in sweep.stdout:
         seen |= {name for name in ("[trial_000] step", "[trial_001] step") if name in line}
