@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.kernels import api, checks, softmax_core
-from attn_jax.kernels.registry import Capabilities, register
+from attn_jax.kernels.registry import EVERY_FEATURE, Capabilities, register
 
 __all__ = ["additive_attention", "additive_logits"]
 
@@ -38,20 +38,7 @@ def additive_logits(query: jax.Array, key: jax.Array, v: jax.Array) -> jax.Array
 
 @register(
     "additive",
-    capabilities=Capabilities(
-        mask=True,
-        bias=True,
-        causal=True,
-        window=True,
-        seq_lengths=True,
-        segments=True,
-        positions=True,
-        dropout=True,
-        gqa=True,
-        weights=True,
-        residual=True,
-        interface="additive",
-    ),
+    capabilities=Capabilities(**dict.fromkeys(EVERY_FEATURE, True), interface="additive"),
 )
 def additive_attention(
     query: jax.Array,

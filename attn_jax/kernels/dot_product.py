@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from attn_jax.kernels import softmax_core
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
-from attn_jax.kernels.registry import TOKEN_VISIBILITY, register
+from attn_jax.kernels.registry import EVERY_FEATURE, register
 
 __all__ = ["dense_attention"]
 
 
 @register(
     "dot_product",
-    capabilities={*TOKEN_VISIBILITY, "mask", "bias", "dropout", "weights", "residual"},
+    capabilities=EVERY_FEATURE,
 )
 def dense_attention(call: AttentionCall) -> AttentionOutput:
     """Exact attention with the whole ``[batch..., heads, q_len, kv_len]`` logits in

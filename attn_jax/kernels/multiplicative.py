@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax.kernels import api, checks, softmax_core
-from attn_jax.kernels.registry import Capabilities, register
+from attn_jax.kernels.registry import EVERY_FEATURE, Capabilities, register
 
 __all__ = ["SCORES", "multiplicative_attention"]
 
@@ -30,20 +30,7 @@ def _project_query(query: jax.Array, weight: jax.Array, d_k: int, precision: Any
 
 @register(
     "multiplicative",
-    capabilities=Capabilities(
-        mask=True,
-        bias=True,
-        causal=True,
-        window=True,
-        seq_lengths=True,
-        segments=True,
-        positions=True,
-        dropout=True,
-        gqa=True,
-        weights=True,
-        residual=True,
-        interface="multiplicative",
-    ),
+    capabilities=Capabilities(**dict.fromkeys(EVERY_FEATURE, True), interface="multiplicative"),
 )
 def multiplicative_attention(
     query: jax.Array,

@@ -45,6 +45,7 @@ from attn_jax.kernels.checks import UnsupportedArgumentError
 
 __all__ = [
     "DECODE_FORMS",
+    "EVERY_FEATURE",
     "TOKEN_VISIBILITY",
     "Capabilities",
     "KernelSpec",
@@ -72,6 +73,8 @@ CAPABILITY_ARGUMENTS: dict[str, tuple[str, ...]] = {
 # What every kernel that reads the visibility model's tokens (positions, validity, segment
 # ids) supports: with a dense mask and bias too, a kernel supports every visibility feature.
 TOKEN_VISIBILITY = frozenset({"causal", "window", "seq_lengths", "segments", "positions", "gqa"})
+# Everything an exact kernel can support (the reference kernel's set).
+EVERY_FEATURE = TOKEN_VISIBILITY | {"mask", "bias", "dropout", "weights", "residual"}
 # How a model layer decodes with the kernel: a KV cache it reads with query positions, a
 # rolling cache of the last ``left + 1`` positions (sliding window), or a recurrent state.
 DECODE_FORMS = ("kv_cache", "rolling_cache", "recurrent")
