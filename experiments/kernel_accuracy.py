@@ -2,7 +2,8 @@
 
 For each kernel, dtype, sequence length and mask setting, the largest absolute error of the
 output and of the gradients (query, key, value) against ``attn_jax.kernels.reference``,
-next to DESIGN.md's tolerance. Writes ``accuracy.json`` and ``accuracy.md`` to --out_dir::
+next to the conformance suite's tolerance (``tests/kernels/conformance.py``). Writes
+``accuracy.json`` and ``accuracy.md`` to --out_dir::
 
     python experiments/kernel_accuracy.py --seq_lens=128,512 --out_dir=runs/accuracy
 """

@@ -2,8 +2,8 @@
 
 Scoring functions (dot product, additive, multiplicative) produce float32 logits
 ``[batch..., heads, q_len, kv_len]``; :func:`attend` applies bias, masks, the float32
-softmax, dropout and the weighted sum of values, with the conventions of DESIGN.md:
-fully-masked query rows give zeros (output and weights) and finite gradients.
+softmax (whatever the input dtype), dropout and the weighted sum of values; fully-masked
+query rows give zeros (output and weights) and finite gradients.
 """
 
 from __future__ import annotations

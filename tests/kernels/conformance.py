@@ -18,7 +18,7 @@ import pytest
 
 from attn_jax.kernels import reference as ref
 
-# DESIGN.md tolerances against float64: dtype -> (forward atol, gradient atol).
+# Tolerances against float64 (README, Testing): dtype -> (forward atol, gradient atol).
 TOLERANCES = {
     jnp.float32: (1e-5, 1e-4),
     jnp.bfloat16: (2e-2, 5e-2),
