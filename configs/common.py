@@ -62,7 +62,7 @@ def numbers_data() -> ml_collections.ConfigDict:
 def lm_model() -> ml_collections.ConfigDict:
     """``config.model`` of a small decoder LM (copy, induction heads): RoPE, 2 layers."""
     model = ml_collections.ConfigDict()
-    model.attention = "dot_product"
+    model.attention = "auto"
     model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     model.width = 64
     model.num_layers = 2
@@ -129,7 +129,7 @@ def transformer_seq2seq(config: ml_collections.ConfigDict, quick: bool, quick_st
     of width 64 without dropout for ``quick_steps`` of batch 64 on CPU."""
     config.model = ml_collections.ConfigDict()
     config.model.name = "encoder_decoder"
-    config.model.attention = "dot_product"
+    config.model.attention = "auto"
     config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     config.model.width = 64 if quick else 128
     config.model.num_layers = 2 if quick else 3
@@ -148,7 +148,7 @@ def digits_transformer(config: ml_collections.ConfigDict, quick: bool, quick_ste
     steps, or 2 layers of width 64 for ``quick_steps`` on CPU; batch 64."""
     config.model = ml_collections.ConfigDict()
     config.model.pooling = "cls"
-    config.model.attention = "dot_product"
+    config.model.attention = "auto"
     config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     config.model.width = 64 if quick else 192
     config.model.num_layers = 2 if quick else 6

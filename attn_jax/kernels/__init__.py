@@ -14,6 +14,7 @@ from attn_jax.kernels.api import (
     dispatch,
     dot_product_attention,
 )
+from attn_jax.kernels.auto import auto_attention
 from attn_jax.kernels.checks import AttentionInputError, UnsupportedArgumentError
 from attn_jax.kernels.chunked import chunked_attention
 from attn_jax.kernels.dot_product import dense_attention
@@ -49,6 +50,7 @@ __all__ = [
     "Visibility",
     "additive_attention",
     "attention_pooling",
+    "auto_attention",
     "available",
     "capabilities",
     "chunked_attention",

@@ -56,7 +56,8 @@ class MultiHeadAttention(nn.Module):
       num_kv_heads: key/value heads (default ``num_heads``); ``num_heads % num_kv_heads == 0``.
       head_dim: features per head (default ``inputs_q.shape[-1] // num_heads``).
       out_features: output features (default: those of ``inputs_q``).
-      attention: registry name of a ``dot_product``-interface kernel, or a flax-style
+      attention: registry name of a ``dot_product``-interface kernel (default ``"auto"``:
+        the fastest exact kernel for the backend and shape), or a flax-style
         ``attention_fn(query, key, value, bias=None, mask=None, ...)`` callable (it gets a
         dense boolean mask, and ``dropout_rng`` / ``dropout_rate`` / ``deterministic`` /
         ``module`` where its signature takes them, as flax's attention modules do).
@@ -76,7 +77,7 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: int | None = None
     head_dim: int | None = None
     out_features: int | None = None
-    attention: str | Callable[..., Any] = "dot_product"
+    attention: str | Callable[..., Any] = "auto"
     attention_kwargs: Mapping[str, Any] | None = None
     is_causal: bool = False
     cross_attention: bool = False

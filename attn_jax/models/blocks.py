@@ -38,8 +38,9 @@ class TransformerOptions:
       num_layers: number of layers (per stack).
       num_heads / num_kv_heads: query and key/value heads (GQA when fewer kv heads).
       mlp_dim: hidden features of the MLP (default ``4 * width``).
-      attention: registry name of the attention kernel (``dot_product`` interface), or a
-        flax-style ``attention_fn`` callable.
+      attention: registry name of the attention kernel (``dot_product`` interface; default
+        ``"auto"``, the fastest exact kernel for the backend and shape), or a flax-style
+        ``attention_fn`` callable.
       attention_kwargs: extra keyword arguments for the kernel (held as an immutable
         mapping, so the options stay hashable); a ``local_window_size`` applies to
         self-attention only.
@@ -54,7 +55,7 @@ class TransformerOptions:
     num_heads: int = 4
     num_kv_heads: int | None = None
     mlp_dim: int | None = None
-    attention: str = "dot_product"
+    attention: str = "auto"
     attention_kwargs: Mapping[str, Any] | None = None
     positions: str = "learned"
     max_len: int = 512
