@@ -9,6 +9,11 @@ q_pad, kv_pad]``, and per-token visibility (:class:`~attn_jax.kernels.visibility
 blocks (the padding is invalid). Visibility is evaluated per block from the tokens, never
 materialised at full size, and :func:`plan` classifies blocks once per call so that hidden
 blocks are skipped.
+
+Queries, keys and values keep their storage dtype (bfloat16 / float16 stay 16-bit; other
+dtypes become float32): every matmul (:func:`matmul`) takes operands in that dtype and
+accumulates in float32 (``preferred_element_type``), the way GPU tensor cores and TPU
+MXUs run fastest; scores, softmax statistics, accumulators and gradients are float32.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
     "block_scores",
     "block_visible",
     "canonicalize",
+    "matmul",
     "online_softmax_result",
     "online_softmax_update",
     "pad_to",
@@ -65,6 +71,26 @@ class BlockLayout:
     mask_fn: Callable[..., jax.Array] | None = None
     bias_fn: Callable[..., jax.Array] | None = None
     precision: Any = None
+    dtype: Any = jnp.float32  # storage dtype of the canonical queries, keys and values
+
+
+def storage_dtype(*arrays: jax.Array) -> Any:
+    """The dtype the matmuls take their operands in: the inputs' common 16-bit float dtype
+    (bfloat16 or float16), else float32."""
+    dtype = jnp.result_type(*arrays)
+    return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.float32)
+
+
+def matmul(layout: BlockLayout, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(spec, a, b)`` with both operands in the storage dtype (``layout.dtype``)
+    and float32 accumulation and result."""
+    return jnp.einsum(
+        spec,
+        a.astype(layout.dtype),
+        b.astype(layout.dtype),
+        precision=layout.precision,
+        preferred_element_type=jnp.float32,
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -81,7 +107,8 @@ class Plan:
 
 @dataclasses.dataclass
 class Canonical:
-    """Inputs in the canonical layout, padded to whole blocks, float32."""
+    """Inputs in the canonical layout, padded to whole blocks: queries, keys and values in
+    their storage dtype (``layout.dtype``), bias float32."""
 
     query: jax.Array
     key: jax.Array
@@ -124,7 +151,8 @@ def attention_with_vjp(forward: Callable[..., Any], backward: Callable[..., Any]
     """``attend(layout, q, k, v, bias, aux) -> (out, lse)`` with a custom VJP that saves
     only the inputs, ``out`` and ``lse`` and calls ``backward(layout, q, k, v, bias, aux,
     out, lse, d_out, d_lse) -> (dq, dk, dv, dbias)``; ``layout`` is static (hashable),
-    ``aux`` (masks, tokens, block plans: a pytree) gets no gradient."""
+    ``aux`` (masks, tokens, block plans: a pytree) gets no gradient. Gradients, float32
+    in ``backward``, are returned in their inputs' dtypes."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def attend(layout, q, k, v, bias, aux):
@@ -135,8 +163,9 @@ def attention_with_vjp(forward: Callable[..., Any], backward: Callable[..., Any]
         return (out, lse), (*inputs, out, lse)
 
     def attend_bwd(layout, residuals, cotangents):
-        dq, dk, dv, dbias = backward(layout, *residuals, *cotangents)
-        return dq, dk, dv, dbias, None
+        grads = backward(layout, *residuals, *cotangents)
+        like = lambda g, x: None if g is None else g.astype(x.dtype)
+        return (*map(like, grads, residuals[:4]), None)
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend
@@ -145,8 +174,7 @@ def attention_with_vjp(forward: Callable[..., Any], backward: Callable[..., Any]
 def block_scores(layout: BlockLayout, q_blk, k_blk, bias_blk) -> jax.Array:
     """Scaled scores ``[b, h, g, n, m]`` of queries ``[b, h, g, n, d]`` against keys
     ``[b, h, m, d]``, plus the block's bias (or ``None``), in float32."""
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_blk, k_blk, precision=layout.precision)
-    s = s * jnp.float32(layout.scale)
+    s = matmul(layout, "bhgqd,bhkd->bhgqk", q_blk, k_blk) * jnp.float32(layout.scale)
     return s if bias_blk is None else s + bias_blk
 
 
@@ -162,7 +190,7 @@ def online_softmax_update(layout: BlockLayout, state, s, visible, v_blk):
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
     correction = jnp.exp(m - m_new)
-    pv = jnp.einsum("bhgqk,bhkd->bhgqd", p, v_blk, precision=layout.precision)
+    pv = matmul(layout, "bhgqk,bhkd->bhgqd", p, v_blk)
     return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
 
 
@@ -178,15 +206,15 @@ def block_gradients(layout: BlockLayout, s, visible, q_blk, k_blk, v_blk, do_blk
     (``visible``: ``None`` for a fully visible block):
     ``(ds [b, h, g, n, m], dq [b, h, g, n, d], dk [b, h, m, d], dv [b, h, m, dv])``, where
     ``lse`` and ``delta = sum(d_out * out) - d_lse`` are the query rows' ``[b, h, g, n]``."""
-    scale, precision = jnp.float32(layout.scale), layout.precision
+    scale = jnp.float32(layout.scale)
     p = jnp.exp(s - lse[..., None])
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
-    dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_blk, v_blk, precision=precision)
+    dp = matmul(layout, "bhgqd,bhkd->bhgqk", do_blk, v_blk)
     ds = p * (dp - delta[..., None])
-    dq = scale * jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_blk, precision=precision)
-    dk = scale * jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_blk, precision=precision)
-    dv = jnp.einsum("bhgqk,bhgqd->bhkd", p, do_blk, precision=precision)
+    dq = scale * matmul(layout, "bhgqk,bhkd->bhgqd", ds, k_blk)
+    dk = scale * matmul(layout, "bhgqk,bhgqd->bhkd", ds, q_blk)
+    dv = matmul(layout, "bhgqk,bhgqd->bhkd", p, do_blk)
     return ds, dq, dk, dv
 
 
@@ -259,11 +287,13 @@ def canonicalize(
     groups = heads // kv_heads
     bq, bk = min(block_q, q_len), min(block_k, kv_len)
     nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    dtype = storage_dtype(query, key, value)
     f32 = lambda x: x.astype(jnp.float32)
+    store = lambda x: x.astype(dtype)
 
-    q = f32(query).reshape(batch, q_len, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
-    k = f32(key).reshape(batch, kv_len, kv_heads, dim).transpose(0, 2, 1, 3)
-    v = f32(value).reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
+    q = store(query).reshape(batch, q_len, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+    k = store(key).reshape(batch, kv_len, kv_heads, dim).transpose(0, 2, 1, 3)
+    v = store(value).reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
     q, k, v = pad_to(q, 3, nq * bq), pad_to(k, 2, nk * bk), pad_to(v, 2, nk * bk)
 
     bias = None
@@ -296,6 +326,7 @@ def canonicalize(
         mask_fn=mask_fn,
         bias_fn=bias_fn,
         precision=call.precision,
+        dtype=dtype,
     )
     return Canonical(
         query=q,

@@ -41,8 +41,7 @@ def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array) -> jax.A
         v_chunk = jax.lax.dynamic_slice_in_dim(c.value, k_start, layout.block_k, axis=2)
 
         def summary():
-            s = jnp.einsum("bhgqd,bhkd->bhgqk", q_chunk, k_chunk, precision=layout.precision)
-            s = s * jnp.float32(layout.scale)
+            s = blockwise.block_scores(layout, q_chunk, k_chunk, None)
             bias = blockwise.slice_block(c.bias, q_start, k_start, layout)
             if bias is not None:
                 s = s + bias
@@ -55,7 +54,7 @@ def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array) -> jax.A
             s = jnp.where(visible, s, MASK_VALUE)
             chunk_max = jax.lax.stop_gradient(s.max(-1))
             weights = jnp.where(visible, jnp.exp(s - chunk_max[..., None]), 0.0)
-            values = jnp.einsum("bhgqk,bhkd->bhgqd", weights, v_chunk, precision=layout.precision)
+            values = blockwise.matmul(layout, "bhgqk,bhkd->bhgqd", weights, v_chunk)
             return values, weights.sum(-1), chunk_max
 
         def hidden():

@@ -6,7 +6,9 @@ softmax over key blocks, saves the log-sum-exp), and for the backward pass one k
 heads that share it). Each program visits only the blocks the visibility model does not
 hide (causal, window, padding, segments: the block plan is computed once per call and
 passed in) and evaluates the visibility rule per block from the tokens' positions,
-validity and segment ids. On GPU they compile through Triton; elsewhere they run with
+validity and segment ids. Tiles are loaded in their storage dtype (bfloat16 / float16
+stay 16-bit, for the tensor cores) and every matmul accumulates in float32, as do the
+softmax statistics. On GPU they compile through Triton; elsewhere they run with
 ``interpret=True`` (the CPU test suite runs them at small sizes that way).
 """
 
@@ -45,6 +47,16 @@ class _Static:
     window: tuple[int, int] | None
     segments: bool
     interpret: bool
+    dtype: Any  # storage dtype of the matmul operands
+
+
+def _dot(st: _Static, a: jax.Array, b: jax.Array, *, transpose_b: bool = False) -> jax.Array:
+    """``a @ b`` (``a @ b.T`` with ``transpose_b``) of 2-D tiles: operands in the storage
+    dtype, float32 accumulation."""
+    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
+    return jax.lax.dot_general(
+        a.astype(st.dtype), b.astype(st.dtype), dims, preferred_element_type=jnp.float32
+    )
 
 
 def _tokens(st: _Static, pos, valid, seg) -> Tokens:
@@ -60,22 +72,21 @@ def _forward_kernel(
     plan_ref, q_ref, k_ref, v_ref, qp_ref, qv_ref, qs_ref, kp_ref, kv_ref, ks_ref,
     o_ref, lse_ref, *, st: _Static,
 ):  # fmt: skip
-    q = q_ref[0, 0].astype(jnp.float32)  # [bq, d]
+    q = q_ref[0, 0]  # [bq, d]
     q_tok = _tokens(st, qp_ref[0], qv_ref[0], qs_ref[0])
 
     def body(t, carry):
         m, total, acc = carry
         j = plan_ref[0, 1 + t]
         rows = pl.ds(j * st.block_k, st.block_k)
-        k = k_ref[0, rows, :].astype(jnp.float32)
-        v = v_ref[0, rows, :].astype(jnp.float32)
+        k, v = k_ref[0, rows, :], v_ref[0, rows, :]
         k_tok = _tokens(st, kp_ref[0, rows], kv_ref[0, rows], ks_ref[0, rows])
         visible = _visible(st, q_tok, k_tok)
-        s = jnp.where(visible, jnp.dot(q, k.T) * st.scale, MASK_VALUE)
+        s = jnp.where(visible, _dot(st, q, k, transpose_b=True) * st.scale, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
         correction = jnp.exp(m - m_new)
-        return m_new, total * correction + p.sum(-1), acc * correction[:, None] + jnp.dot(p, v)
+        return m_new, total * correction + p.sum(-1), acc * correction[:, None] + _dot(st, p, v)
 
     init = (
         jnp.full((st.block_q,), MASK_VALUE, jnp.float32),
@@ -93,23 +104,22 @@ def _dq_kernel(
     plan_ref, q_ref, k_ref, v_ref, qp_ref, qv_ref, qs_ref, kp_ref, kv_ref, ks_ref,
     do_ref, lse_ref, delta_ref, dq_ref, *, st: _Static,
 ):  # fmt: skip
-    q = q_ref[0, 0].astype(jnp.float32)
-    do = do_ref[0, 0].astype(jnp.float32)
+    q, do = q_ref[0, 0], do_ref[0, 0]
     lse, delta = lse_ref[0, 0], delta_ref[0, 0]
     q_tok = _tokens(st, qp_ref[0], qv_ref[0], qs_ref[0])
 
     def body(t, dq):
         j = plan_ref[0, 1 + t]
         rows = pl.ds(j * st.block_k, st.block_k)
-        k = k_ref[0, rows, :].astype(jnp.float32)
-        v = v_ref[0, rows, :].astype(jnp.float32)
+        k, v = k_ref[0, rows, :], v_ref[0, rows, :]
         k_tok = _tokens(st, kp_ref[0, rows], kv_ref[0, rows], ks_ref[0, rows])
         visible = _visible(st, q_tok, k_tok)
-        p = jnp.where(visible, jnp.exp(jnp.dot(q, k.T) * st.scale - lse[:, None]), 0.0)
-        ds = p * (jnp.dot(do, v.T) - delta[:, None])
-        return dq + jnp.dot(ds, k) * st.scale
+        s = _dot(st, q, k, transpose_b=True) * st.scale
+        p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (_dot(st, do, v, transpose_b=True) - delta[:, None])
+        return dq + _dot(st, ds, k) * st.scale
 
-    dq = jax.lax.fori_loop(0, plan_ref[0, 0], body, jnp.zeros_like(q))
+    dq = jax.lax.fori_loop(0, plan_ref[0, 0], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[0, 0] = dq.astype(dq_ref.dtype)
 
 
@@ -117,8 +127,7 @@ def _dkv_kernel(
     plan_ref, q_ref, k_ref, v_ref, qp_ref, qv_ref, qs_ref, kp_ref, kv_ref, ks_ref,
     do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, st: _Static,
 ):  # fmt: skip
-    k = k_ref[0].astype(jnp.float32)  # [bk, d]
-    v = v_ref[0].astype(jnp.float32)
+    k, v = k_ref[0], v_ref[0]  # [bk, d], [bk, dv]
     k_tok = _tokens(st, kp_ref[0], kv_ref[0], ks_ref[0])
     count = plan_ref[0, 0]
 
@@ -127,17 +136,17 @@ def _dkv_kernel(
         g, t = index // count, index % count
         i = plan_ref[0, 1 + t]
         rows = pl.ds(i * st.block_q, st.block_q)
-        q = q_ref[0, g, rows, :].astype(jnp.float32)
-        do = do_ref[0, g, rows, :].astype(jnp.float32)
+        q, do = q_ref[0, g, rows, :], do_ref[0, g, rows, :]
         lse, delta = lse_ref[0, g, rows], delta_ref[0, g, rows]
         q_tok = _tokens(st, qp_ref[0, rows], qv_ref[0, rows], qs_ref[0, rows])
         visible = _visible(st, q_tok, k_tok)
-        p = jnp.where(visible, jnp.exp(jnp.dot(q, k.T) * st.scale - lse[:, None]), 0.0)
-        ds = p * (jnp.dot(do, v.T) - delta[:, None])
-        return dk + jnp.dot(ds.T, q) * st.scale, dv + jnp.dot(p.T, do)
+        s = _dot(st, q, k, transpose_b=True) * st.scale
+        p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (_dot(st, do, v, transpose_b=True) - delta[:, None])
+        return dk + _dot(st, ds.T, q) * st.scale, dv + _dot(st, p.T, do)
 
     # Every (group, visible query block) pair of this key block.
-    init = (jnp.zeros_like(k), jnp.zeros_like(v))
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = jax.lax.fori_loop(0, st.groups * count, body, init)
     dk_ref[0] = dk.astype(dk_ref.dtype)
     dv_ref[0] = dv.astype(dv_ref.dtype)
@@ -315,6 +324,7 @@ def pallas_flash_attention(
         window=call.visibility.window,
         segments=call.visibility.query_segment_ids is not None,
         interpret=jax.default_backend() != "gpu" if interpret is None else bool(interpret),
+        dtype=blockwise.storage_dtype(query, key, value),
     )
     # [batch..., len, heads, d] -> [batch * kv_heads, groups, len, d]
     q = query.reshape(batch, q_len, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)

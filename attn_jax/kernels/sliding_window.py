@@ -77,7 +77,7 @@ def sliding_window_attention(call: AttentionCall, *, block_size: int = 64) -> At
         p = jnp.where(visible, jnp.exp(s - m), 0.0)
         total = p.sum(-1, keepdims=True)
         p = p / jnp.where(total > 0, total, 1.0)
-        return jnp.einsum("bhgqk,bhkd->bhgqd", p, v_blk, precision=layout.precision)
+        return blockwise.matmul(layout, "bhgqk,bhkd->bhgqd", p, v_blk)
 
     out = jax.lax.map(one_query_block, jnp.arange(layout.num_q_blocks, dtype=jnp.int32))
     out = jnp.moveaxis(out, 0, 3).reshape(*c.query.shape[:3], -1, out.shape[-1])
