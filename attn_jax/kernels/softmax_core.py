@@ -37,8 +37,11 @@ def group_query_heads(query: jax.Array, kv_heads: int) -> jax.Array:
 def fold_groups(query: jax.Array, kv_heads: int) -> jax.Array:
     """``[..., q_len, heads, d]`` -> ``[..., kv_heads, groups * q_len, d]``: the queries of
     each key/value head side by side (GQA's convention: query head ``h`` uses kv head
-    ``h // groups``), so both attention matmuls are plain batched matmuls over kv heads
-    (a separate group dimension in the contraction costs XLA CPU about 25%)."""
+    ``h // groups``), so both attention matmuls of grouped-query attention are plain
+    batched matmuls over kv heads (a separate group dimension in the contraction costs
+    XLA CPU about 25%). With one query head per kv head the matmuls contract the inputs'
+    own layout instead, as ``jax.nn`` does: the folded form is up to 1.3x faster forward
+    on CPU, but its gradient 0.8x (measured at N = 512 to 2,048)."""
     *lead, q_len, heads, dim = query.shape
     grouped = query.reshape(*lead, q_len, kv_heads, heads // kv_heads, dim)
     return jnp.moveaxis(grouped, -4, -2).reshape(*lead, kv_heads, -1, dim)
@@ -56,6 +59,15 @@ def dot_logits(query: jax.Array, key: jax.Array, scale: float, precision: Any = 
       ``[batch..., heads, q_len, kv_len]`` float32.
     """
     q_len, heads = query.shape[-3:-1]
+    if heads == key.shape[-2]:  # one query per kv head: jax.nn's contraction, layout for layout
+        logits = jnp.einsum(
+            "...qhd,...khd->...hqk",
+            query,
+            key,
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        return logits * jnp.float32(scale)
     logits = jnp.einsum(
         "...hmd,...khd->...hmk",
         fold_groups(query, key.shape[-2]),
@@ -73,6 +85,14 @@ def weighted_values(weights: jax.Array, value: jax.Array, precision: Any = None)
     value dtype, float32 accumulation)."""
     *lead, heads, q_len, kv_len = weights.shape
     kv_heads = value.shape[-2]
+    if heads == kv_heads:
+        return jnp.einsum(
+            "...hqk,...khd->...qhd",
+            weights.astype(value.dtype),
+            value,
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
     out = jnp.einsum(
         "...hmk,...khd->...hmd",
         weights.astype(value.dtype).reshape(*lead, kv_heads, -1, kv_len),
@@ -114,6 +134,7 @@ def attend(
     precision: Any = None,
     return_weights: bool = False,
     return_residual: bool = False,
+    every_row_visible: bool = False,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Masked float32 softmax over keys, dropout, and the weighted sum of values.
 
@@ -128,6 +149,8 @@ def attend(
       return_weights: also return the weights, float32, before dropout (what flax sows).
       return_residual: also return the log-sum-exp ``[batch..., q_len, heads]``, float32
         (a large finite negative for fully-masked rows).
+      every_row_visible: the caller knows every query row sees at least one key through
+        ``mask``: rows need no zeroing (one pass over the weights less).
 
     Returns:
       ``[batch..., q_len, heads, v_head_dim]`` output, followed by the weights and/or the
@@ -141,7 +164,8 @@ def attend(
     # jax.nn.softmax: its custom derivative is one fused pass (a hand-written
     # exp / sum / divide differentiates into several).
     weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
+    zero_rows = mask is not None and not every_row_visible
+    if zero_rows:
         visible = jnp.any(mask, axis=-1, keepdims=True)
         weights = jnp.where(visible, weights, 0.0)
     applied = weights
@@ -155,7 +179,7 @@ def attend(
         extras.append(weights)
     if return_residual:
         lse = jax.nn.logsumexp(logits, axis=-1)
-        if mask is not None:
+        if zero_rows:
             lse = jnp.where(visible[..., 0], lse, MASK_VALUE)
         extras.append(jnp.moveaxis(lse, -2, -1))
     return (out, *extras) if extras else out
@@ -178,6 +202,7 @@ def attend_call(call: AttentionCall, logits: jax.Array, value: jax.Array) -> Att
         precision=call.precision,
         return_weights=call.return_weights,
         return_residual=call.return_residual,
+        every_row_visible=call.visibility.every_query_sees_a_key,
     )
     out, *extras = outputs if isinstance(outputs, tuple) else (outputs,)
     weights = extras.pop(0) if call.return_weights else None

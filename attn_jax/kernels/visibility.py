@@ -151,6 +151,30 @@ class Visibility:
         ) or bool(self.is_causal)
 
     @property
+    def every_query_sees_a_key(self) -> bool:
+        """Whether, statically, every query sees at least one key (default positions, no
+        lengths, segments or mask): kernels then need not zero rows that see nothing."""
+        given = (
+            self.query_lengths,
+            self.key_value_lengths,
+            self.query_segment_ids,
+            self.key_value_segment_ids,
+            self.mask,
+            self.query_positions,
+            self.key_value_positions,
+        )
+        if self.kv_len == 0 or any(x is not None for x in given):
+            return False
+        first, last = self.offset, self.offset + self.q_len - 1  # query positions
+        if self.window is None:  # causal: query p sees keys 0 .. p
+            return first >= 0 or not self.is_causal
+        left, right = self.window
+        if self.is_causal:
+            right = min(right, 0)
+        # Query p sees keys max(0, p - left) .. min(kv_len - 1, p + right).
+        return first + right >= 0 and last - left <= self.kv_len - 1
+
+    @property
     def offset(self) -> int:
         """The default position of query 0."""
         return self.kv_len - self.q_len if self.alignment == "bottom_right" else 0

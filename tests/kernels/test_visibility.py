@@ -3,6 +3,8 @@ classification and reachability against the dense form, and its argument checks.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +194,26 @@ def test_positions_not_indices_decide_causality():
 def test_bad_arguments_are_named(kwargs, argument):
     with pytest.raises(ValueError, match=f"'{argument}'"):
         vis.build((2,), 1, 3, 5, **kwargs)
+
+
+def test_every_query_sees_a_key_exactly_when_the_dense_mask_says_so():
+    """The static shortcut (no zeroing of empty rows) is never claimed wrongly: checked
+    against the dense mask for every small causal / window / alignment combination."""
+    windows = [None, (0, 0), (1, 0), (0, 1), (2, 3), (3, 0), (0, 4), (7, 7)]
+    for q_len, kv_len, causal, window, alignment in itertools.product(
+        [1, 2, 3, 5, 8], [1, 2, 3, 5, 8], [False, True], windows, ["bottom_right", "top_left"]
+    ):
+        v = vis.build(
+            (1,),
+            1,
+            q_len,
+            kv_len,
+            is_causal=causal,
+            local_window_size=window,
+            causal_alignment=alignment,
+        )
+        mask = v.dense_mask()
+        truth = mask is None or bool(np.asarray(mask).any(-1).all())
+        assert v.every_query_sees_a_key == truth, (q_len, kv_len, causal, window, alignment)
+    padded = vis.build((1,), 1, 4, 4, key_value_seq_lengths=jnp.array([4]))
+    assert not padded.every_query_sees_a_key
