@@ -6,6 +6,9 @@ are imported as packages from there).
 Every script trains its trials through the launcher's own loop (so each trial directory is
 an ordinary run directory: checkpoints, metrics, ``final_metrics.json``, attention plots),
 skips trials that finished in an earlier invocation and resumes interrupted ones.
+
+Only jax is imported up front (the training stack, and with it ml_collections, where a trial
+runs), so the benchmark scripts use the table and output helpers on bare GPU machines.
 """
 
 from __future__ import annotations
@@ -14,14 +17,12 @@ import importlib
 import json
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 
-from attn_jax.train.loop import train_and_evaluate
-from attn_jax.train.sweep import apply_overrides, run_sweep
-from attn_jax.train.validate import validate_train_config
+if TYPE_CHECKING:
+    import ml_collections
 
 __all__ = [
     "load_config",
@@ -72,6 +73,10 @@ def run_trials(
     Returns:
       ``{name: {"status", "eval", "final", "overrides"}}`` (each trial's ``result.json``).
     """
+    from attn_jax.train.loop import train_and_evaluate
+    from attn_jax.train.sweep import apply_overrides, run_sweep
+    from attn_jax.train.validate import validate_train_config
+
     names = list(trials)
     overrides = dict(overrides or {})
     settings = [{**trials[name], **overrides} for name in names]
