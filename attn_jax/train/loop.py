@@ -1,4 +1,10 @@
-"""One training loop for every task: pmapped steps, evaluation, checkpoints, metrics."""
+"""One training loop for every task: pmapped steps, evaluation, checkpoints, metrics.
+
+The host never waits for a step: batches are built and placed ahead on a background thread
+(:mod:`attn_jax.train.prefetch`), and a step's results stay on the devices until a log,
+evaluation or checkpoint step reads them. A NaN/inf loss freezes the state on the devices
+(:class:`~attn_jax.train.state.Divergence`); the next read raises, naming that step.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from attn_jax.train.checkpoints import Checkpoints
 from attn_jax.train.metrics import PLOT_LOCK, MetricsWriter, plot_learning_curve
 from attn_jax.train.optim import make_optimizer
 from attn_jax.train.parallelism import DataParallel, SequenceParallel
-from attn_jax.train.state import TrainState
+from attn_jax.train.prefetch import Prefetcher
+from attn_jax.train.state import Divergence, TrainState
 from attn_jax.train.tasks import Task, build_task, init_params
 from attn_jax.train.termination import sigterm_stops, stop_requested
 
@@ -26,7 +33,8 @@ __all__ = ["TrainingDivergedError", "train_and_evaluate"]
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left intact."""
+    """The loss (or gradient norm) became NaN or infinite; the last good checkpoint is left
+    intact."""
 
 
 def _devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
@@ -97,7 +105,9 @@ def train_and_evaluate(
       step or None, "interrupted": bool}``.
 
     Raises:
-      TrainingDivergedError: the loss became NaN/inf (no checkpoint of it is written).
+      TrainingDivergedError: the loss or gradient norm became NaN/inf. Raised at the next
+        log, eval or checkpoint step, naming the first such step; from that step on the
+        state stopped changing, and no checkpoint was written after it.
     """
     workdir = pathlib.Path(workdir)
     train = config.train
@@ -136,33 +146,54 @@ def train_and_evaluate(
         strategy = SequenceParallel(task, tx, devices, seq)
     else:
         strategy = DataParallel(task, tx, devices)
-    pstate = strategy.place(state)
+    pstate, divergence = strategy.place(state), strategy.place(Divergence.none())
     writer = MetricsWriter(workdir, total_steps, label=label) if writer_process else None
     tokens_per_step = train.batch_size * task.tokens_per_example
     step = int(state.step)
     eval_metrics: dict[str, float] = {}
     interrupted = False
 
+    def check_divergence() -> None:
+        """Raises if a step's loss or gradient norm was NaN/inf (a small device read)."""
+        found = strategy.host(divergence)
+        if not int(found.step):
+            return
+        loss, grad_norm = float(found.loss), float(found.grad_norm)
+        what = f"loss is {loss}"
+        if np.isfinite(loss):
+            what = f"gradient norm is {grad_norm} (loss {loss:.4g})"
+        saved = checkpoints.steps()
+        raise TrainingDivergedError(
+            f"{what} at step {int(found.step)}; stopping. The last good checkpoint "
+            f"(step {saved[-1] if saved else 'none'}) is intact: lower "
+            "config.optim.learning_rate or check the data"
+        )
+
     def save(step: int, metrics: dict[str, float] | None) -> None:
+        check_divergence()  # never a checkpoint of a diverged state
         checkpoints.save(step, strategy.host(pstate), metrics)
 
+    make_batch = lambda step: task.train.batch(step, train.batch_size)
     try:
-        with sigterm_stops():
-            while step < total_steps:
-                pstate, host = strategy.train(pstate, task.train.batch(step, train.batch_size))
-                step += 1
-                loss = float(host["loss"])
-                if not np.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                        f"(step {checkpoints.steps()[-1] if checkpoints.steps() else 'none'}) "
-                        "is intact: lower config.optim.learning_rate or check the data"
-                    )
-                if writer and (step % train.log_every == 0 or step == total_steps):
-                    host = {k: float(v) for k, v in host.items()}
+        with (
+            sigterm_stops(),
+            Prefetcher(make_batch, strategy.place_batch, start=step, stop=total_steps) as batches,
+        ):
+            # The host reads the device only here and there: the divergence record at log,
+            # eval and checkpoint steps, the metrics at log steps.
+            for batch_step, batch in batches:
+                pstate, divergence, metrics = strategy.train(pstate, divergence, batch)
+                step = batch_step + 1
+                last = step == total_steps
+                log = step % train.log_every == 0 or last
+                evaluate = step % train.eval_every == 0 or last
+                if log or evaluate:
+                    check_divergence()
+                if writer and log:
+                    host = {k: float(v) for k, v in strategy.host(metrics).items()}
                     writer.write(step, "train", host)
                     writer.progress(step, host, tokens_per_step)
-                if step % train.eval_every == 0 or step == total_steps:
+                if evaluate:
                     eval_metrics = strategy.evaluate(pstate, task.eval, train.batch_size)
                     if writer:
                         writer.write(step, "eval", eval_metrics)

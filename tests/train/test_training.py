@@ -1,4 +1,4 @@
-"""The training loop: devices, resume, checkpoints, NaN guard, launcher errors."""
+"""The training loop: devices, resume, checkpoints, NaN guard, host reads, launcher errors."""
 
 from __future__ import annotations
 
@@ -11,15 +11,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from attn_jax.train import loop
 from attn_jax.train.checkpoints import Checkpoints
 from attn_jax.train.loop import TrainingDivergedError, train_and_evaluate
+from attn_jax.train.metrics import MetricsWriter
+from attn_jax.train.parallelism import DataParallel
+from attn_jax.train.state import Divergence
 from attn_jax.train.sweep import apply_overrides
 from attn_jax.train.validate import ConfigError, validate_train_config
 from configs import mqar
@@ -165,9 +171,128 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoint_intact(finished_copy):
     tmp_path = finished_copy
     before = _digest(tmp_path / "checkpoints")
     diverging = _quick(**{"train.steps": 16, "optim.learning_rate": 1e30})
-    with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf)"):
+    with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf) at step (9|1[0-6]); .*"):
         train_and_evaluate(diverging, tmp_path)
     assert _digest(tmp_path / "checkpoints") == before
+
+
+def _skip_final_outputs(monkeypatch) -> None:
+    """No final evaluation, attention or learning-curve plots: seconds saved per run."""
+    monkeypatch.setattr(loop, "_final_evaluation", lambda *args: {})
+    monkeypatch.setattr(loop, "plot_learning_curve", lambda *args: None)
+
+
+def _poison_steps(monkeypatch, poisoned: set[int]) -> None:
+    """Tasks built by the loop whose loss is NaN at the ``poisoned`` steps (counting from
+    1) only: their batches hold a token id beyond the vocabulary, embedded as NaN
+    (``jnp.take`` fills out-of-range rows with NaN). The compiled step is the plain one."""
+    build_task = loop.build_task
+
+    def build(config):
+        task = build_task(config)
+        batch_fn = task.train.batch
+
+        def batch(step, batch_size):
+            batch = batch_fn(step, batch_size)
+            if step + 1 in poisoned:
+                batch["inputs"] = np.full_like(batch["inputs"], 10**6)
+            return batch
+
+        task.train.batch = batch
+        return task
+
+    monkeypatch.setattr(loop, "build_task", build)
+
+
+def test_divergence_between_reads_names_its_step_and_freezes_the_state(tmp_path, monkeypatch):
+    """The losses of steps 5 and 6 are NaN; the host reads at log steps (4, 8) and before
+    checkpoints (3, 6): the error comes before checkpoint 6, names step 5 (the first) and
+    the last good checkpoint 3; the state after step 4 is kept on the devices from then on."""
+    _skip_final_outputs(monkeypatch)
+    _poison_steps(monkeypatch, {5, 6})
+    states = []  # (step counter, parameters) after each train step, for this test only
+    original = DataParallel.train
+
+    def train(self, state, divergence, batch):
+        state, divergence, metrics = original(self, state, divergence, batch)
+        states.append(jax.tree.map(np.copy, self.host((state.step, state.params))))
+        return state, divergence, metrics
+
+    monkeypatch.setattr(DataParallel, "train", train)
+    config = _quick(**{"train.log_every": 4, "train.checkpoint_every": 3, "train.eval_every": 8})
+    with pytest.raises(TrainingDivergedError) as error:
+        train_and_evaluate(config, tmp_path)
+    message = str(error.value)
+    assert message.startswith("loss is nan at step 5; stopping.")
+    assert "last good checkpoint (step 3) is intact" in message
+    assert "lower config.optim.learning_rate or check the data" in message
+    assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == [3]  # none after step 5
+    assert [int(step) for step, _ in states] == [1, 2, 3, 4, 4, 4]  # steps 5 and 6 frozen
+    kept = jax.tree.leaves(states[3][1])
+    for _, params in states[4:]:
+        for a, b in zip(kept, jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(a, b)
+    _, saved = _final_params(tmp_path)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]
+
+
+def test_the_divergence_record_keeps_the_first_non_finite_step():
+    record = Divergence.none()
+    for step, loss, grad_norm in [(1, 2.0, 1.0), (2, 1.5, np.inf), (3, np.nan, np.nan)]:
+        record = record.record(jnp.int32(step), jnp.float32(loss), jnp.float32(grad_norm))
+    assert (int(record.step), float(record.loss), float(record.grad_norm)) == (2, 1.5, np.inf)
+    fine = Divergence.none().record(jnp.int32(7), jnp.float32(0.5), jnp.float32(1.0))
+    assert int(fine.step) == 0
+
+
+def test_the_host_reads_the_devices_only_at_log_eval_and_checkpoint_steps(tmp_path, monkeypatch):
+    """Every device -> host read goes through the strategy's ``host``: counted between
+    train steps, there is none after steps other than log (3, 6), checkpoint (5) and eval
+    steps (8, the last)."""
+    _skip_final_outputs(monkeypatch)
+    trained, read_after = [0], set()
+    train, host = DataParallel.train, DataParallel.host
+
+    def counting_train(self, *args):
+        trained[0] += 1
+        return train(self, *args)
+
+    def counting_host(self, tree):
+        read_after.add(trained[0])
+        return host(self, tree)
+
+    monkeypatch.setattr(DataParallel, "train", counting_train)
+    monkeypatch.setattr(DataParallel, "host", counting_host)
+    config = _quick(**{"train.log_every": 3, "train.checkpoint_every": 5, "train.eval_every": 8})
+    result = train_and_evaluate(config, tmp_path)
+    assert result["step"] == trained[0] == 8
+    assert read_after == {3, 5, 6, 8}
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [(r["step"], r["split"]) for r in records] == [
+        (3, "train"),
+        (6, "train"),
+        (8, "train"),
+        (8, "eval"),
+    ]
+
+
+def test_sigterm_saves_stops_and_leaves_no_prefetch_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "stop_requested", lambda: True)  # as if SIGTERM had come
+    result = train_and_evaluate(_quick(), tmp_path)
+    assert result["interrupted"] and result["step"] == 1
+    assert Checkpoints(tmp_path / "checkpoints", keep=3).steps() == [1]
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]
+
+
+def test_progress_rates_count_the_steps_since_the_last_line(tmp_path, monkeypatch, capsys):
+    clock = iter([100.0, 104.0])
+    monkeypatch.setattr("attn_jax.train.metrics.time.perf_counter", lambda: next(clock))
+    writer = MetricsWriter(tmp_path, total_steps=30)
+    writer.progress(10, {"loss": 1.0}, tokens_per_step=1000)
+    line = writer.progress(20, {"loss": 0.5}, tokens_per_step=1000)  # 10 steps in 4 s
+    writer.close()
+    assert "2.50 steps/s | 2,500 tokens/s | ETA 0m04s" in line
 
 
 @pytest.mark.parametrize(
