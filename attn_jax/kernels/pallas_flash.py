@@ -257,8 +257,14 @@ def _out(shape: tuple[int, ...], dtype: Any, like: jax.Array) -> jax.ShapeDtypeS
 
 
 def _plan_rows(order: jax.Array, count: jax.Array) -> jax.Array:
-    """``[blocks, 1 + others]`` int32: the count, then the visible blocks' indices."""
-    return jnp.concatenate([count[:, None], order], axis=1).astype(jnp.int32)
+    """``[blocks, 1 + others]`` int32: the count, then the visible blocks' indices (rows
+    padded to a power of two: Triton's block shapes)."""
+    rows = jnp.concatenate([count[:, None], order], axis=1).astype(jnp.int32)
+    return blockwise.pad_to(rows, 1, _power_of_two(rows.shape[1]))
+
+
+def _power_of_two(x: int, least: int = 1) -> int:
+    return max(least, 1 << max(0, x - 1).bit_length())
 
 
 @register("pallas_flash", capabilities=TOKEN_VISIBILITY)
@@ -273,20 +279,26 @@ def pallas_flash_attention(
     No dense ``mask`` or ``bias`` (use ``flash``), no dropout or returned weights.
 
     Options:
-      block_q, block_k: block sizes (clipped to the padded lengths; use powers of two
-        >= 16 on GPU).
+      block_q, block_k: block sizes (clipped to the lengths rounded up to a power of two
+        >= 16); on GPU they must be powers of two >= 16 (Triton's tiles).
       interpret: run the kernels in the Pallas interpreter (default: when the backend is
         not a GPU).
     """
     checks.check_same_dtype(call.query, call.key, call.value)
     checks.check_block_sizes(block_q=block_q, block_k=block_k)
+    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+    if not interpret:
+        for name, size in (("block_q", block_q), ("block_k", block_k)):
+            if size < 16 or size & (size - 1):
+                checks.fail(name, f"must be a power of two >= 16 on GPU (Triton), got {size}")
     query, key, value = call.safe_inputs()
     batch_shape = call.batch_shape
     q_len, heads, d = query.shape[-3:]
     kv_len, kv_heads = key.shape[-3:-1]
     groups = heads // kv_heads
     batch = math.prod(batch_shape)
-    bq, bk = min(block_q, _round_up(q_len, 8)), min(block_k, _round_up(kv_len, 8))
+    bq = min(block_q, _power_of_two(q_len, 16))
+    bk = min(block_k, _power_of_two(kv_len, 16))
     nq, nk = -(-q_len // bq), -(-kv_len // bk)
     q_tok, k_tok = call.visibility.tokens()
     q_tok = blockwise.canonical_tokens(q_tok, batch_shape, q_len, nq * bq)
@@ -323,9 +335,16 @@ def pallas_flash_attention(
         is_causal=call.visibility.is_causal,
         window=call.visibility.window,
         segments=call.visibility.query_segment_ids is not None,
-        interpret=jax.default_backend() != "gpu" if interpret is None else bool(interpret),
+        interpret=interpret,
         dtype=blockwise.storage_dtype(query, key, value),
     )
+    # Head dims zero-padded to a power of two >= 16 (Triton's tiles; q . k is unchanged,
+    # the padded value columns are sliced off).
+    dv = value.shape[-1]
+    d_pad, dv_pad = _power_of_two(d, 16), _power_of_two(dv, 16)
+    query, key = blockwise.pad_to(query, -1, d_pad), blockwise.pad_to(key, -1, d_pad)
+    value = blockwise.pad_to(value, -1, dv_pad)
+    d = d_pad
     # [batch..., len, heads, d] -> [batch * kv_heads, groups, len, d]
     q = query.reshape(batch, q_len, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
     q = blockwise.pad_to(q.reshape(batch * kv_heads, groups, q_len, d), 2, nq * bq)
@@ -333,10 +352,6 @@ def pallas_flash_attention(
     k = blockwise.pad_to(k.reshape(batch * kv_heads, kv_len, d), 1, nk * bk)
     v = value.reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
     v = blockwise.pad_to(v.reshape(batch * kv_heads, kv_len, -1), 1, nk * bk)
-    out = _attention(st, q, k, v, aux)[:, :, :q_len]
+    out = _attention(st, q, k, v, aux)[:, :, :q_len, :dv]
     out = out.reshape(batch, kv_heads, groups, q_len, -1).transpose(0, 3, 1, 2, 4)
     return AttentionOutput(out.reshape(*batch_shape, q_len, heads, -1).astype(call.out_dtype))
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple

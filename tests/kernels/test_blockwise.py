@@ -130,3 +130,11 @@ def test_pallas_flash_with_several_blocks_matches_float64_reference(
     )
     kernel = functools.partial(kernels.get("pallas_flash"), block_q=8, block_k=8)
     cf.check_against_reference(kernel, case, jnp.float32, record=False)
+
+
+def test_pallas_flash_refuses_block_sizes_triton_cannot_tile():
+    q = jnp.zeros((1, 32, 2, 8), jnp.float32)
+    with pytest.raises(kernels.AttentionInputError, match=r"block_q.*power of two >= 16"):
+        kernels.pallas_flash_attention(q, q, q, block_q=8, interpret=False)
+    with pytest.raises(kernels.AttentionInputError, match=r"block_k.*power of two >= 16"):
+        kernels.pallas_flash_attention(q, q, q, block_q=16, block_k=48, interpret=False)
