@@ -5,6 +5,7 @@ from attn_jax.models.blocks import TransformerOptions
 from attn_jax.models.encoder import TransformerEncoder
 from attn_jax.models.encoder_decoder import EncoderDecoder
 from attn_jax.models.encoder_stack import EncoderStack
+from attn_jax.models.layer_stack import stack_layer_params, unstack_layer_params
 from attn_jax.models.lm import TransformerLM
 from attn_jax.models.positions import LearnedPositions, apply_rope, sinusoidal_positions
 from attn_jax.models.seq2seq_rnn import Seq2SeqRNN
@@ -22,4 +23,6 @@ __all__ = [
     "VisionTransformer",
     "apply_rope",
     "sinusoidal_positions",
+    "stack_layer_params",
+    "unstack_layer_params",
 ]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from attn_jax import kernels
 from attn_jax.models.attention import MultiHeadAttention, freeze_kwargs
+from attn_jax.models.layer_stack import check_layer_options
 from attn_jax.models.positions import (
     POSITION_KINDS,
     LearnedPositions,
@@ -48,6 +49,21 @@ class TransformerOptions:
       max_len: longest sequence (learned positions; decode cache default).
       dropout_rate: residual/embedding dropout; attention_dropout_rate: on the weights.
       dtype: compute dtype; param_dtype: parameter dtype.
+      scan_layers: run the layers as one ``nn.scan`` (compiled once, whatever the depth)
+        instead of a Python loop. The parameters are then those of one module ``layers``
+        with a leading layer axis (``[num_layers, ...]``) instead of ``layer_0``,
+        ``layer_1``, ...: convert with :func:`~attn_jax.models.stack_layer_params` /
+        :func:`~attn_jax.models.unstack_layer_params`. Sowed attention weights get a
+        leading layer axis too; decoding caches a second one, after the batch
+        (:data:`~attn_jax.models.layer_stack.LAYER_AXES`).
+      remat: rematerialisation of every layer in the backward pass, by the name of its
+        checkpoint policy (:data:`~attn_jax.models.layer_stack.REMAT_POLICIES`):
+        ``"none"`` (keep every activation), ``"full"`` (keep only each layer's input,
+        recompute the rest), ``"dots"`` (keep matmul outputs), ``"dots_with_no_batch_dims"``
+        (keep the projections' and MLP's matmul outputs, recompute attention scores);
+        with or without ``scan_layers``. Unrolled, XLA may schedule the recomputation
+        early and keep it all (it does on CPU: ``experiments/bench_depth.py``); in the
+        scan, it runs layer by layer in the backward loop.
     """
 
     width: int = 128
@@ -63,6 +79,8 @@ class TransformerOptions:
     attention_dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "attention_kwargs", freeze_kwargs(self.attention_kwargs))
@@ -82,6 +100,7 @@ def check_options(options: TransformerOptions) -> None:
 
 
 def _check_sizes(options: TransformerOptions) -> None:
+    check_layer_options(options)
     if options.positions not in POSITION_KINDS:
         raise ValueError(
             f"options.positions: expected one of {POSITION_KINDS}, got {options.positions!r}"

@@ -6,12 +6,15 @@ import flax.linen as nn
 import jax
 
 from attn_jax.models.blocks import EncoderLayer, TransformerOptions
+from attn_jax.models.layer_stack import run_layers
 
 __all__ = ["EncoderStack"]
 
 
 class EncoderStack(nn.Module):
-    """``options.num_layers`` bidirectional :class:`EncoderLayer` s and a final LayerNorm."""
+    """``options.num_layers`` bidirectional :class:`EncoderLayer` s and a final LayerNorm
+    (unrolled or scanned, rematerialised or not: ``options.scan_layers``, ``options.remat``,
+    see :mod:`attn_jax.models.layer_stack`)."""
 
     options: TransformerOptions
 
@@ -34,13 +37,14 @@ class EncoderStack(nn.Module):
         """
         o = self.options
         x = nn.Dropout(o.dropout_rate)(x, deterministic=deterministic)
-        for i in range(o.num_layers):
-            x = EncoderLayer(o, name=f"layer_{i}")(
-                x,
-                mask=mask,
-                kv_lengths=kv_lengths,
-                positions=positions,
-                deterministic=deterministic,
-                sow_weights=sow_weights,
-            )
+        x = run_layers(
+            EncoderLayer,
+            o,
+            x,
+            mask=mask,
+            kv_lengths=kv_lengths,
+            positions=positions,
+            deterministic=deterministic,
+            sow_weights=sow_weights,
+        )
         return nn.LayerNorm(dtype=o.dtype, param_dtype=o.param_dtype, name="final_norm")(x)

@@ -14,6 +14,7 @@ from attn_jax.models.blocks import (
     TransformerOptions,
     check_options,
 )
+from attn_jax.models.layer_stack import run_layers
 
 __all__ = ["TransformerLM"]
 
@@ -67,7 +68,8 @@ class TransformerLM(nn.Module):
           deterministic: disables dropout (needs a ``'dropout'`` rng otherwise).
           decode: use and extend the KV cache (``mutable=['cache']``); see
             :mod:`attn_jax.decode`.
-          sow_weights: record every layer's attention weights in ``'intermediates'``.
+          sow_weights: record every layer's attention weights in ``'intermediates'``
+            (with ``options.scan_layers``: once, with a leading layer axis).
           output_positions: ``[batch, n]`` indices: return logits at these positions only
             (e.g. the answer positions of a recall task), saving the vocabulary projection
             elsewhere.
@@ -105,28 +107,24 @@ class TransformerLM(nn.Module):
             chex.assert_axis_dimension(inputs, 2, o.width)
             x = embedder.add_positions(inputs.astype(o.dtype), positions)
         x = nn.Dropout(o.dropout_rate)(x, deterministic=deterministic)
-        for i in range(o.num_layers):
-            if self.cross_attention:
-                x = DecoderLayer(o, name=f"layer_{i}")(
-                    x,
-                    memory,
-                    memory_mask=memory_mask,
-                    positions=positions,
-                    lengths=lengths,
-                    deterministic=deterministic,
-                    sow_weights=sow_weights,
-                    decode=decode,
-                )
-            else:
-                x = EncoderLayer(o, is_causal=True, name=f"layer_{i}")(
-                    x,
-                    positions=positions,
-                    segment_ids=segment_ids,
-                    lengths=lengths,
-                    deterministic=deterministic,
-                    sow_weights=sow_weights,
-                    decode=decode,
-                )
+        if self.cross_attention:
+            layer, attributes = DecoderLayer, None
+            inputs = {"memory": memory, "memory_mask": memory_mask}
+        else:
+            layer, attributes = EncoderLayer, {"is_causal": True}
+            inputs = {"segment_ids": segment_ids}
+        x = run_layers(
+            layer,
+            o,
+            x,
+            layer_kwargs=attributes,
+            positions=positions,
+            lengths=lengths,
+            deterministic=deterministic,
+            sow_weights=sow_weights,
+            decode=decode,
+            **inputs,
+        )
         x = nn.LayerNorm(dtype=o.dtype, param_dtype=o.param_dtype, name="final_norm")(x)
         if output_positions is not None:
             chex.assert_rank(output_positions, 2)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from attn_jax import kernels, viz
+from attn_jax.models import unstack_layer_params
 from attn_jax.train.tasks.base import weights_kernel
 
 __all__ = ["plot_layers", "sowed_attention", "weights_model"]
@@ -41,7 +42,8 @@ def sowed_attention(
     model: nn.Module, params: Any, *args: Any, **kwargs: Any
 ) -> dict[str, np.ndarray]:
     """``{layer name: [batch, heads, q_len, kv_len]}`` recorded by one (jitted) forward
-    pass; ``kwargs`` are static."""
+    pass; ``kwargs`` are static. Scanned layers (``options.scan_layers``) are named as
+    unrolled ones (``layer_0``, ...)."""
 
     @jax.jit
     def forward(params, *args):
@@ -50,7 +52,7 @@ def sowed_attention(
         )
         return state["intermediates"]
 
-    return viz.collect_attention(forward(params, *args))
+    return viz.collect_attention(unstack_layer_params(forward(params, *args)))
 
 
 def plot_layers(
