@@ -69,6 +69,8 @@ def lm_model() -> ml_collections.ConfigDict:
     model.num_heads = 4
     model.mlp_dim = 256
     model.positions = "rope"
+    model.scan_layers = False  # True: one nn.scan over the layers
+    model.remat = "none"  # or "full", "dots", "dots_with_no_batch_dims"
     return model
 
 
@@ -136,6 +138,8 @@ def transformer_seq2seq(config: ml_collections.ConfigDict, quick: bool, quick_st
     config.model.num_heads = 4
     config.model.mlp_dim = 4 * config.model.width
     config.model.positions = "sinusoidal"
+    config.model.scan_layers = False  # True: one nn.scan over the layers
+    config.model.remat = "none"  # or "full", "dots", "dots_with_no_batch_dims"
     config.model.dropout_rate = 0.0 if quick else 0.1
     config.optim.learning_rate = 1e-3 if quick else 5e-4
     config.optim.weight_decay = 0.0
@@ -155,6 +159,8 @@ def digits_transformer(config: ml_collections.ConfigDict, quick: bool, quick_ste
     config.model.num_heads = 4 if quick else 3
     config.model.mlp_dim = 2 * config.model.width if quick else 4 * config.model.width
     config.model.positions = "learned"
+    config.model.scan_layers = False  # True: one nn.scan over the layers
+    config.model.remat = "none"  # or "full", "dots", "dots_with_no_batch_dims"
     config.model.dropout_rate = 0.1
     config.optim.weight_decay = 0.05
     _schedule(config, *((quick_steps, 64, 250) if quick else (5_000, 64, 500)))

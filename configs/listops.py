@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_heads = 8
     config.model.mlp_dim = 2048
     config.model.positions = "learned"
+    config.model.scan_layers = False  # True: one nn.scan over the layers
+    config.model.remat = "none"  # or "full", "dots", "dots_with_no_batch_dims"
     config.model.dropout_rate = 0.1
 
     config.optim.learning_rate = 5e-4

@@ -37,6 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_heads = 1
     config.model.mlp_dim = 256
     config.model.positions = "learned"
+    config.model.scan_layers = False  # True: one nn.scan over the layers
+    config.model.remat = "none"  # or "full", "dots", "dots_with_no_batch_dims"
 
     config.optim.learning_rate = 3e-3
     config.optim.weight_decay = 0.0
