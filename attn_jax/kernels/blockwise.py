@@ -10,10 +10,13 @@ blocks (the padding is invalid). Visibility is evaluated per block from the toke
 materialised at full size, and :func:`plan` classifies blocks once per call so that hidden
 blocks are skipped.
 
-Queries, keys and values keep their storage dtype (bfloat16 / float16 stay 16-bit; other
-dtypes become float32): every matmul (:func:`matmul`) takes operands in that dtype and
-accumulates in float32 (``preferred_element_type``), the way GPU tensor cores and TPU
-MXUs run fastest; scores, softmax statistics, accumulators and gradients are float32.
+Every matmul (:func:`matmul`) takes its operands in the inputs' storage dtype (bfloat16 /
+float16 stay 16-bit; other dtypes become float32) and accumulates in float32
+(``preferred_element_type``), the way GPU tensor cores and TPU MXUs run fastest; scores,
+softmax statistics, accumulators and gradients are float32. Kernels with their own
+backward pass keep the canonical inputs in the storage dtype; kernels differentiated by
+autodiff keep them in float32 (``canonicalize(..., autodiff=True)``), so that the
+gradients of the blocks sum in float32.
 """
 
 from __future__ import annotations
@@ -83,14 +86,42 @@ def storage_dtype(*arrays: jax.Array) -> Any:
 
 def matmul(layout: BlockLayout, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """``einsum(spec, a, b)`` with both operands in the storage dtype (``layout.dtype``)
-    and float32 accumulation and result."""
+    and float32 accumulation and result. Its gradient (autodiff) is computed the same way
+    and returned in the operands' own dtypes, so float32 operands get float32 gradients."""
+    if jnp.dtype(layout.dtype) == jnp.float32:
+        return _einsum(spec, layout.dtype, layout.precision, a, b)
+    return _matmul_16(spec, layout.dtype, layout.precision, a, b)
+
+
+def _einsum(spec: str, dtype: Any, precision: Any, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(
         spec,
-        a.astype(layout.dtype),
-        b.astype(layout.dtype),
-        precision=layout.precision,
+        a.astype(dtype),
+        b.astype(dtype),
+        precision=precision,
         preferred_element_type=jnp.float32,
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _matmul_16(spec, dtype, precision, a, b):
+    return _einsum(spec, dtype, precision, a, b)
+
+
+def _matmul_16_fwd(spec, dtype, precision, a, b):
+    return _einsum(spec, dtype, precision, a, b), (a, b)
+
+
+def _matmul_16_bwd(spec, dtype, precision, residuals, g):
+    a, b = residuals
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    da = _einsum(f"{out},{sb}->{sa}", dtype, precision, g, b)
+    db = _einsum(f"{sa},{out}->{sb}", dtype, precision, a, g)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_matmul_16.defvjp(_matmul_16_fwd, _matmul_16_bwd)
 
 
 @jax.tree_util.register_dataclass
@@ -265,9 +296,14 @@ def canonicalize(
     mask_fn: Callable[..., jax.Array] | None = None,
     bias_fn: Callable[..., jax.Array] | None = None,
     tokens: tuple[Tokens, Tokens] | None = None,
+    autodiff: bool = False,
 ) -> Canonical:
     """Brings a validated call to the canonical layout, blocks of ``block_q`` x
     ``block_k`` (clipped to the lengths; lengths padded up to whole blocks).
+
+    ``autodiff``: the kernel is differentiated by JAX through its blocks (no custom VJP):
+    queries, keys and values are kept in float32 (the matmuls still take 16-bit operands),
+    so that their gradients sum over blocks in float32.
 
     ``tokens`` replaces ``call.visibility.tokens()`` (ring attention on a device's shard);
     invalid tokens are then zeroed by their validity alone.
@@ -289,7 +325,7 @@ def canonicalize(
     nq, nk = -(-q_len // bq), -(-kv_len // bk)
     dtype = storage_dtype(query, key, value)
     f32 = lambda x: x.astype(jnp.float32)
-    store = lambda x: x.astype(dtype)
+    store = f32 if autodiff else (lambda x: x.astype(dtype))
 
     q = store(query).reshape(batch, q_len, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
     k = store(key).reshape(batch, kv_len, kv_heads, dim).transpose(0, 2, 1, 3)

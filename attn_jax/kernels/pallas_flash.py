@@ -168,7 +168,7 @@ def _specs(st: _Static, q_pad: int, kv_pad: int, d: int, dv: int):
     """BlockSpecs of the per-query-block grid ``(n, g, i)``: plan row, q-like blocks,
     whole k/v, query token blocks, whole key tokens."""
     by_batch = lambda n: n // st.kv_heads
-    plan = pl.BlockSpec((1, st.num_k_blocks + 1), lambda n, g, i: (i, 0))
+    plan = pl.BlockSpec((1, _power_of_two(st.num_k_blocks + 1)), lambda n, g, i: (i, 0))
     q_block = pl.BlockSpec((1, 1, st.block_q, d), lambda n, g, i: (n, g, i, 0))
     o_block = pl.BlockSpec((1, 1, st.block_q, dv), lambda n, g, i: (n, g, i, 0))
     row_block = pl.BlockSpec((1, 1, st.block_q), lambda n, g, i: (n, g, i))
@@ -224,7 +224,7 @@ def _attention_bwd(st, residuals, d_out):
     v_block = pl.BlockSpec((1, st.block_k, dv), lambda n, j: (n, j, 0))
     q_tok = pl.BlockSpec((1, q_pad), lambda n, j: (by_batch(n), 0))
     k_tok = pl.BlockSpec((1, st.block_k), lambda n, j: (by_batch(n), j))
-    plan = pl.BlockSpec((1, st.num_q_blocks + 1), lambda n, j: (j, 0))
+    plan = pl.BlockSpec((1, _power_of_two(st.num_q_blocks + 1)), lambda n, j: (j, 0))
     dk, dv_ = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st),
         out_shape=(_out(k.shape, k.dtype, k), _out(v.shape, v.dtype, v)),

@@ -51,7 +51,7 @@ def sliding_window_attention(call: AttentionCall, *, block_size: int = 64) -> At
     Options:
       block_size: queries per block (keys are read in blocks of 16).
     """
-    c = blockwise.canonicalize(call, block_q=block_size, block_k=KEY_BLOCK)
+    c = blockwise.canonicalize(call, block_q=block_size, block_k=KEY_BLOCK, autodiff=True)
     layout = c.layout
     plan = blockwise.plan(c)
     band = band_blocks(call, layout.block_q, layout.block_k, layout.num_k_blocks)
