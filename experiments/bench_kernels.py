@@ -7,7 +7,9 @@ only: elsewhere they run in the interpreter), ``auto`` (the front end with
 ``flax.linen.dot_product_attention``), sequence length, head dim, causal flag, dtype and
 mode (forward, forward + backward), it records:
 
-- the median wall time of at least 5 runs after a warm-up (``block_until_ready``);
+- the median wall time of at least 5 runs after a warm-up (``block_until_ready``), the
+  contenders of one problem timed in turn (so a change in the machine's load hits them
+  alike);
 - GFLOP/s by the FlashAttention convention (forward ``4 * B * H * N^2 * D``, halved when
   causal, backward 2.5x forward). Sliding-window, linear and Performer kernels do less
   work: their figure is *effective* GFLOP/s, i.e. full attention's count over their time;
@@ -163,7 +165,7 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def measure(
+def prepare(
     fn: Callable[..., jax.Array],
     *,
     length: int,
@@ -172,10 +174,10 @@ def measure(
     mode: str,
     batch: int,
     heads: int,
-    repeats: int,
     budget: float,
-) -> dict[str, Any]:
-    """Time and scratch memory of one contender on one problem."""
+) -> tuple[dict[str, Any], Callable[[], Any] | None]:
+    """One contender on one problem, compiled: its result so far (status, scratch memory)
+    and a function running it once (``None`` if it failed or does not fit)."""
     shape = (batch, length, heads, dim)
     q, k, v = (
         jax.random.normal(jax.random.key(i), shape, jnp.float32).astype(dtype) for i in range(3)
@@ -189,17 +191,54 @@ def measure(
     try:
         compiled = program.lower(q, k, v).compile()
     except Exception as error:
-        return {"status": "failed", "error": f"compile: {type(error).__name__}: {error}"[:300]}
+        failed = {"status": "failed", "error": f"compile: {type(error).__name__}: {error}"[:300]}
+        return failed, None
     analysis = compiled.memory_analysis()
     scratch = int(analysis.temp_size_in_bytes) if analysis is not None else None
     needed = (scratch or 0) + 4 * q.nbytes
     if needed > budget:
-        return {"status": "skipped", "scratch_bytes": scratch, "error": "does not fit in memory"}
-    try:
-        seconds = _median_seconds(lambda: compiled(q, k, v), repeats)
-    except Exception as error:
-        return {"status": "failed", "scratch_bytes": scratch, "error": str(error)[:300]}
-    return {"status": "ok", "seconds": seconds, "scratch_bytes": scratch}
+        skipped = {"status": "skipped", "scratch_bytes": scratch, "error": "does not fit in memory"}
+        return skipped, None
+    return {"status": "ok", "scratch_bytes": scratch}, lambda: compiled(q, k, v)
+
+
+def time_in_turn(runs: list[Callable[[], Any]], repeats: int) -> list[float | Exception]:
+    """Median seconds of each run (or the error it raised) after a warm-up, the runs timed
+    in turn ``repeats`` times, so a change in the machine's load hits them alike."""
+    times: list[list[float] | Exception] = []
+    for run in runs:
+        try:
+            jax.block_until_ready(run())  # warm-up
+            times.append([])
+        except Exception as error:
+            times.append(error)
+    for _ in range(repeats):
+        for run, mine in zip(runs, times, strict=True):
+            if isinstance(mine, Exception):
+                continue
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            mine.append(time.perf_counter() - start)
+    return [t if isinstance(t, Exception) else statistics.median(t) for t in times]
+
+
+def measure(fn: Callable[..., jax.Array], *, repeats: int, **problem: Any) -> dict[str, Any]:
+    """Time and scratch memory of one contender on one problem (the arguments of
+    :func:`prepare`)."""
+    return _timed([prepare(fn, **problem)], repeats)[0]
+
+
+def _timed(prepared: list[tuple[dict[str, Any], Any]], repeats: int) -> list[dict[str, Any]]:
+    """The results of :func:`prepare`d contenders, those that run timed in turn."""
+    ready = [i for i, (_, run) in enumerate(prepared) if run is not None]
+    seconds = time_in_turn([prepared[i][1] for i in ready], repeats)
+    results = [dict(result) for result, _ in prepared]
+    for i, s in zip(ready, seconds, strict=True):
+        if isinstance(s, Exception):
+            results[i].update(status="failed", error=str(s)[:300])
+        else:
+            results[i]["seconds"] = s
+    return results
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
@@ -215,40 +254,37 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             names = [n for n in names if n in table]
         elif unknown:
             raise ValueError(f"--kernels: unknown {unknown}; available: {sorted(table)}")
-        for dtype in config["dtypes"]:
-            for dim in config["head_dims"]:
-                for mode in config["modes"]:
-                    for name in names:
-                        for length in config["seq_lens"]:
-                            row = {
-                                "kernel": name,
-                                "length": length,
-                                "head_dim": dim,
-                                "causal": causal,
-                                "segments": segments,
-                                "dtype": dtype,
-                                "mode": mode,
-                                **measure(
-                                    table[name],
-                                    length=length,
-                                    dim=dim,
-                                    dtype=dtype,
-                                    mode=mode,
-                                    batch=config["batch"],
-                                    heads=config["heads"],
-                                    repeats=config["repeats"],
-                                    budget=budget,
-                                ),
-                            }
-                            if row["status"] == "ok":
-                                flops = attention_flops(
-                                    config["batch"], config["heads"], length, dim, causal, mode
-                                )
-                                row["gflops"] = flops / row["seconds"] / 1e9
-                            rows.append(row)
-                            print(_describe(row), flush=True)
-                            if row["status"] == "skipped":
-                                break  # longer sequences will not fit either
+        for dtype, dim, mode in itertools.product(
+            config["dtypes"], config["head_dims"], config["modes"]
+        ):
+            too_big: set[str] = set()  # skipped at a shorter length: longer will not fit
+            for length in config["seq_lens"]:
+                live = [n for n in names if n not in too_big]
+                problem = {"length": length, "dim": dim, "dtype": dtype, "mode": mode,
+                           "batch": config["batch"], "heads": config["heads"],
+                           "budget": budget}  # fmt: skip
+                prepared = [prepare(table[name], **problem) for name in live]
+                for name, result in zip(live, _timed(prepared, config["repeats"]), strict=True):
+                    row = {
+                        "kernel": name,
+                        "length": length,
+                        "head_dim": dim,
+                        "causal": causal,
+                        "segments": segments,
+                        "dtype": dtype,
+                        "mode": mode,
+                        **result,
+                    }
+                    if row["status"] == "ok":
+                        flops = attention_flops(
+                            config["batch"], config["heads"], length, dim, causal, mode
+                        )
+                        row["gflops"] = flops / row["seconds"] / 1e9
+                    elif row["status"] == "skipped":
+                        too_big.add(name)
+                    rows.append(row)
+                    print(_describe(row), flush=True)
+                del prepared
     _add_ratios(rows)
     return {
         "date": time.strftime("%Y-%m-%d"),
