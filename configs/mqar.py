@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_eval = 2_048
 
     config.model = ml_collections.ConfigDict()
-    config.model.attention = "dot_product"
+    config.model.attention = "auto"
     config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     config.model.width = 64
     config.model.num_layers = 2
