@@ -371,16 +371,6 @@ def plot(train: list[dict], dec: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _ints(values: list[str], flag: str) -> list[int]:
-    try:
-        out = [int(v) for v in values]
-    except ValueError:
-        raise app.UsageError(f"--{flag}: expected integers, got {values}") from None
-    if not out or min(out) < 1:
-        raise app.UsageError(f"--{flag}: expected positive integers, got {values}")
-    return out
-
-
 def main(argv: list[str]) -> None:
     known = [k for k in kernels.available(interface="dot_product")]
     reporting.start(
@@ -389,8 +379,8 @@ def main(argv: list[str]) -> None:
     for flag in ("repeats", "decode_repeats"):
         if getattr(FLAGS, flag) < 5:
             raise app.UsageError(f"--{flag}: at least 5, got {getattr(FLAGS, flag)}")
-    lengths = _ints(FLAGS.seq_lens, "seq_lens")
-    batches = _ints(FLAGS.decode_batches, "decode_batches")
+    lengths = reporting.positive_ints(FLAGS.seq_lens, "seq_lens", allow_empty=False)
+    batches = reporting.positive_ints(FLAGS.decode_batches, "decode_batches", allow_empty=False)
     if FLAGS.prompt >= FLAGS.cache:
         raise app.UsageError(f"--prompt ({FLAGS.prompt}) must be below --cache ({FLAGS.cache})")
     config = {

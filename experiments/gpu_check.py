@@ -144,26 +144,13 @@ def flag_config(f: flags.FlagValues) -> dict[str, Any]:
     """The run's config from parsed flags; ``app.UsageError`` naming a bad flag."""
     import_kernel_modules()
 
-    def ints(values: list[str], flag: str) -> list[int]:
-        try:
-            out = [int(v) for v in values]
-        except ValueError:
-            raise app.UsageError(f"--{flag}: expected integers, got {values}") from None
-        if not out or any(v < 1 for v in out):
-            raise app.UsageError(f"--{flag}: expected positive integers, got {values}")
-        return out
-
-    causal = []
-    for value in f.causal:
-        if value.lower() not in ("true", "false"):
-            raise app.UsageError(f"--causal: expected true/false values, got {value!r}")
-        causal.append(value.lower() == "true")
+    causal = reporting.true_false(f.causal, "causal")
     bad_modes = sorted(set(f.modes) - set(MODES))
     if bad_modes or not f.modes:
         raise app.UsageError(f"--modes: expected some of {list(MODES)}, got {f.modes}")
     if f.repeats < 5:
         raise app.UsageError(f"--repeats: at least 5 timed runs, got {f.repeats}")
-    head_dims = ints(f.head_dims, "head_dims")
+    head_dims = reporting.positive_ints(f.head_dims, "head_dims", allow_empty=False)
     if f.hidden < 1 or any(f.hidden % d for d in head_dims):
         raise app.UsageError(f"--hidden={f.hidden}: must be a multiple of every head dim")
     if f.tokens < 1:
@@ -174,7 +161,7 @@ def flag_config(f: flags.FlagValues) -> dict[str, Any]:
             f"--kernels: unknown {unknown or 'empty list'}; available: {contender_names()}"
         )
     return {
-        "seq_lens": ints(f.seq_lens, "seq_lens"),
+        "seq_lens": reporting.positive_ints(f.seq_lens, "seq_lens", allow_empty=False),
         "head_dims": head_dims,
         "kernels": list(f.kernels),
         "causal": causal,

@@ -28,10 +28,12 @@ __all__ = [
     "load_config",
     "markdown_table",
     "percent",
+    "positive_ints",
     "run_trials",
     "save_figure",
     "start",
     "steps_override",
+    "true_false",
     "write_outputs",
 ]
 
@@ -120,3 +122,28 @@ def write_outputs(
 def percent(value: float | None) -> str:
     """``0.1234 -> "12.3"``; a missing value (diverged trial) prints as ``-``."""
     return "-" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def positive_ints(values: Sequence[str], flag: str, *, allow_empty: bool = True) -> list[int]:
+    """A list flag's values as positive integers; ``app.UsageError`` naming ``--flag``."""
+    from absl import app
+
+    try:
+        out = [int(v) for v in values]
+    except ValueError:
+        raise app.UsageError(f"--{flag}: expected integers, got {values}") from None
+    if (not out and not allow_empty) or any(v < 1 for v in out):
+        raise app.UsageError(f"--{flag}: expected positive integers, got {values}")
+    return out
+
+
+def true_false(values: Sequence[str], flag: str) -> list[bool]:
+    """A list flag's ``true`` / ``false`` values; ``app.UsageError`` naming ``--flag``."""
+    from absl import app
+
+    out = []
+    for value in values:
+        if value.lower() not in ("true", "false"):
+            raise app.UsageError(f"--{flag}: expected true/false values, got {value!r}")
+        out.append(value.lower() == "true")
+    return out
