@@ -494,8 +494,15 @@ def run_conformance(config: Mapping[str, Any], out_dir: pathlib.Path, cap_s: flo
     print(f"conformance: {' '.join(command[1:])} (cap {cap_s:.0f} s)", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         results = pathlib.Path(tmp) / "results.jsonl"
+        # Not the variables of a pytest run this one is inside (an xdist worker's would
+        # make the subprocess's plugin believe it is one, and record nothing).
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("PYTEST_XDIST_") and k != "PYTEST_CURRENT_TEST"
+        }
         env = {
-            **os.environ,
+            **inherited,
             RESULTS_ENV: str(results),
             # Several processes share the GPU, and this one's benchmark comes after.
             "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
