@@ -70,6 +70,8 @@ class AttentionCall:
       precision: ``jax.lax.Precision`` for the matmuls.
       out_dtype: dtype of the output.
       return_weights, return_residual: what the caller wants back.
+      finite_kv_padding: the caller promises that keys and values no query sees are
+        finite, so :meth:`safe_inputs` leaves them as they are.
       requested: capability -> the argument that asks for it (for error messages).
     """
 
@@ -87,6 +89,7 @@ class AttentionCall:
     return_weights: bool
     return_residual: bool
     requested: dict[str, str]
+    finite_kv_padding: bool = False
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -115,12 +118,13 @@ class AttentionCall:
     def safe_inputs(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(query, key, value)`` with every token that can neither see nor be seen set to
         zero, so that what padding or masked positions hold (NaN, inf) never reaches the
-        output or the gradients."""
+        output or the gradients (keys and values stay as they are with
+        ``finite_kv_padding``: finite values there change nothing)."""
         q_ok, k_ok = self.visibility.reachable(self.kv_heads)
         query, key, value = self.query, self.key, self.value
         if q_ok is not None:
             query = jnp.where(q_ok, query, jnp.zeros((), query.dtype))
-        if k_ok is not None:
+        if k_ok is not None and not self.finite_kv_padding:
             key = jnp.where(k_ok, key, jnp.zeros((), key.dtype))
             value = jnp.where(k_ok, value, jnp.zeros((), value.dtype))
         return query, key, value
@@ -209,6 +213,7 @@ def bind(
         return_weights=bool(a["return_weights"]),
         return_residual=bool(a["return_residual"]),
         requested=_requested(visibility, bias, heads, kv_heads, given),
+        finite_kv_padding=_flag(a["finite_kv_padding"], "finite_kv_padding"),
     )
 
 
@@ -222,6 +227,13 @@ def _call_arguments() -> dict[str, Any]:
         for name, p in inspect.signature(dot_product_attention).parameters.items()
         if name not in skip and p.kind is p.KEYWORD_ONLY
     }
+
+
+def _flag(value: Any, name: str) -> bool:
+    """``value`` as a Python bool (numpy bools too); anything else names ``name``."""
+    if not isinstance(value, bool | np.bool_):
+        checks.fail(name, f"expected True or False, got {value!r}")
+    return bool(value)
 
 
 def _dropout_rate(rate: Any) -> float:
@@ -334,6 +346,7 @@ def dot_product_attention(
     return_weights: bool = False,
     return_residual: bool = False,
     deterministic: bool = False,
+    finite_kv_padding: bool = False,
     module: Any = None,
     implementation: str | Sequence[str] | None = None,
     **kernel_options: Any,
@@ -379,6 +392,12 @@ def dot_product_attention(
       return_weights: also return float32 weights ``[batch..., heads, q_len, kv_len]``.
       return_residual: also return the float32 log-sum-exp ``[batch..., q_len, heads]``.
       deterministic: turn dropout off (flax's ``attention_fn`` convention).
+      finite_kv_padding: a promise that every key and value no query sees (padding past
+        ``key_value_seq_lengths``, masked-out or out-of-window keys) is finite, e.g. the
+        zeros of a KV cache's unused slots. Kernels then skip the pass that zeroes them (a
+        read and write of all of ``key`` and ``value``, most of a decoding step's cost);
+        outputs and gradients are unchanged for finite values, NaN or inf there would
+        reach them. Default False: whatever padding holds is harmless.
       module: a flax module to ``sow`` the weights into as ``('intermediates',
         'attention_weights')``; flax passes it when called with ``sow_weights=True``.
         With ``deterministic`` and ``module`` this function can be passed directly as
@@ -393,7 +412,8 @@ def dot_product_attention(
     Returns:
       ``[batch..., q_len, heads, v_head_dim]``, then weights and/or residual if requested.
       Query rows with no visible key give zeros (and zero weights); what padded or masked
-      positions hold never reaches outputs or gradients.
+      positions hold never reaches outputs or gradients (unless ``finite_kv_padding``
+      promised it finite).
     """
     raw = {k: v for k, v in locals().items() if k in _call_arguments()}
     names = _implementations(implementation)
@@ -408,7 +428,9 @@ def dot_product_attention(
     plain_raw = {
         k: v
         for k, v in raw.items()
-        if v is not None and registry.is_active(k, v) and k not in ("deterministic",)
+        if v is not None
+        and registry.is_active(k, v)
+        and k not in ("deterministic", "finite_kv_padding")  # a hint, not a request
     }
     if call.dropout_rate == 0.0:
         for name in ("dropout_rate", "dropout_rng", "broadcast_dropout"):

@@ -133,7 +133,7 @@ class MultiHeadAttention(nn.Module):
           segment_ids: ``[batch, q_len]`` segment ids of packed self-attention: tokens only
             attend within their segment.
           lengths: ``[batch]`` when decoding: how many of the ``q_len`` new tokens of each
-            sequence are real (the others are right padding, never cached; default all).
+            sequence are real (the others are right padding, cached as zeros; default all).
           deterministic: disables dropout.
           sow_weights: record the weights ``[batch, heads, q_len, kv_len]`` in
             ``('intermediates', 'attention_weights')``.
@@ -246,8 +246,11 @@ class MultiHeadAttention(nn.Module):
         options: dict[str, Any],
         deterministic: bool,
         sow_weights: bool,
+        finite_kv_padding: bool = False,
     ) -> jax.Array:
-        """Calls the kernel with the visibility arguments in the form it takes."""
+        """Calls the kernel with the visibility arguments in the form it takes
+        (``finite_kv_padding``: the keys and values no query sees are known finite, e.g.
+        a decoding cache's)."""
         request = dict(request)
         options = dict(options)
         for name in VISIBILITY_KWARGS:
@@ -273,6 +276,8 @@ class MultiHeadAttention(nn.Module):
             mask, request = _dense_mask(query, key, mask, request), {}
         if mask is not None:
             request["mask"] = mask
+        if finite_kv_padding and spec.core is not None:  # front-end kernels take the hint
+            request["finite_kv_padding"] = True
         if sow_weights:
             if not caps.weights:
                 raise ValueError(
@@ -305,7 +310,10 @@ class MultiHeadAttention(nn.Module):
             )
             # Positions + 1, so that an all-zero cache (decode.init_cache) is empty.
             self.variable("cache", "cached_positions", jnp.zeros, (batch, slots), jnp.int32)
-        shape = lambda x: (batch, slots, *x.shape[2:])
+        if form == "rolling_cache":
+            shape = lambda x: (batch, slots, *x.shape[2:])
+        else:  # head-major: see kv_cache.append_kv
+            shape = lambda x: (batch, x.shape[2], slots, x.shape[3])
         self.variable("cache", "cached_key", jnp.zeros, shape(key), key.dtype)
         self.variable("cache", "cached_value", jnp.zeros, shape(value), value.dtype)
 
@@ -355,6 +363,10 @@ class MultiHeadAttention(nn.Module):
             request["is_causal"] = True
         if lengths is not None:
             request["query_seq_lengths"] = count
+            # Padding is never cached as anything but zeros, so that the cache's unseen
+            # slots are finite and the kernel need not zero all of it at every step.
+            real = (steps < count[:, None])[:, :, None, None]
+            key, value = jnp.where(real, key, 0), jnp.where(real, value, 0)
         if form == "rolling_cache":
             stored = self.variable("cache", "cached_positions")
             fresh = jnp.where(steps < count[:, None], query_positions, kv_cache.EMPTY)
@@ -371,10 +383,14 @@ class MultiHeadAttention(nn.Module):
             )
             stored.value = jnp.where(kept == kv_cache.EMPTY, 0, kept + 1)
         else:
-            keys = cached_key.value = kv_cache.append_kv(cached_key.value, key, start)
-            values = cached_value.value = kv_cache.append_kv(cached_value.value, value, start)
+            cached_key.value = kv_cache.append_kv(cached_key.value, key, start)
+            cached_value.value = kv_cache.append_kv(cached_value.value, value, start)
+            keys, values = kv_cache.tokens_major(cached_key.value, cached_value.value)
             request["key_value_seq_lengths"] = start + count
-        return self._attend(spec, query, keys, values, mask, request, options, True, False)
+        # What no query sees is then the cache's zeros or earlier real tokens, unless a mask
+        # hides tokens (which may be padding the caller marked by the mask alone).
+        return self._attend(spec, query, keys, values, mask, request, options, True, False,
+                            finite_kv_padding=mask is None)  # fmt: skip
 
 
 def _honours(caps: kernels.Capabilities, request: dict[str, Any]) -> bool:

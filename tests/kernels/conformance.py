@@ -294,6 +294,28 @@ def _unreachable(case: Case, kwargs: dict[str, Any]) -> tuple[np.ndarray, np.nda
     return rows, np.moveaxis(cols, -1, -2)
 
 
+def check_finite_kv_padding(kernel: Callable[..., Any], case: Case) -> None:
+    """With ``finite_kv_padding=True`` and finite values other than zero in the keys and
+    values no query sees, outputs and gradients equal those of the default call with
+    zeros there."""
+    (q, k, v, bias), kwargs = make_inputs(case, jnp.float32)
+    _, dead_k = _unreachable(case, kwargs)
+    assert dead_k.any(), f"{case.name}: no unseen key to plant"
+    rng = np.random.RandomState(2)
+    dead = jnp.asarray(dead_k)[..., None]
+    garbage = lambda x: jnp.where(dead, jnp.asarray(3.0 + rng.randn(*x.shape), x.dtype), x)
+    cotangent = jnp.asarray(np.random.RandomState(1).randn(*output_shape(case)), jnp.float32)
+    clean = (q, jnp.where(dead, 0.0, k), jnp.where(dead, 0.0, v), bias)
+    out, grads = value_and_grads(kernel, clean, kwargs, cotangent)
+    hinted = {**kwargs, "finite_kv_padding": True}
+    out_h, grads_h = value_and_grads(kernel, (q, garbage(k), garbage(v), bias), hinted, cotangent)
+    np.testing.assert_allclose(np.asarray(out_h), np.asarray(out), atol=1e-5, rtol=1e-5)
+    for name, g, g_h in zip(("query", "key", "value"), grads, grads_h, strict=False):
+        np.testing.assert_allclose(
+            np.asarray(g_h), np.asarray(g), atol=1e-5, rtol=1e-5, err_msg=name
+        )
+
+
 def check_padding_never_leaks(kernel: Callable[..., Any], case: Case) -> None:
     """NaN and inf planted in padded / masked queries, keys and values: outputs and
     gradients equal those with zeros there (and are finite)."""

@@ -131,6 +131,16 @@ def test_nan_and_inf_in_padding_never_leak(name, case):
     cf.check_padding_never_leaks(kernel, case)
 
 
+@pytest.mark.parametrize("name", kernels.available(interface="dot_product"))
+def test_finite_kv_padding_changes_nothing_for_finite_values(name):
+    case = next(c for c in PADDING_CASES if c.name == "decode_positions_window")
+    caps = _caps(name)
+    if case.needs() - set(caps.supported()):
+        pytest.skip(f"{name} lacks {sorted(case.needs() - set(caps.supported()))}")
+    kernel = functools.partial(kernels.get(name), **_approximate_options(name))
+    cf.check_finite_kv_padding(kernel, case)
+
+
 WEIGHT_CASES = [
     c for c in cf.CASES if c.name in ("random_mask", "fully_masked_rows", "gqa", "causal_q_gt_kv")
 ]

@@ -128,3 +128,46 @@ def test_flax_attention_fn_in_nnx_multi_head_attention(name):
     if kernels.capabilities(name).exact:
         np.testing.assert_allclose(causal, theirs(x, mask=mask), atol=2e-6)
     assert causal.shape == (2, 5, 16) and np.all(np.isfinite(causal))
+
+
+def _key_sized_selects(fn, *args) -> int:
+    """How many ``select_n`` in ``fn``'s jaxpr (nested ones too) make arrays of the key's
+    shape."""
+
+    def count(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            made = eqn.outvars[0].aval.shape if eqn.outvars else None
+            total += eqn.primitive.name == "select_n" and made == args[1].shape
+            for param in eqn.params.values():
+                for inner in param if isinstance(param, tuple | list) else (param,):
+                    inner = getattr(inner, "jaxpr", inner)
+                    if hasattr(inner, "eqns"):
+                        total += count(inner)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("name", ["dot_product", "flash"])
+def test_finite_kv_padding_skips_zeroing_keys_and_values(name, recorded):
+    q, k, v = _qkv(q_len=1, kv_len=16)
+    lengths = jnp.array([5, 9])
+    attend = lambda hint: (
+        lambda q, k, v: kernels.dot_product_attention(
+            q, k, v, key_value_seq_lengths=lengths, implementation=name, finite_kv_padding=hint
+        )
+    )
+    assert _key_sized_selects(attend(False), q, k, v) == 2
+    assert _key_sized_selects(attend(True), q, k, v) == 0
+    # A plain kernel is not handed the hint (it has no such argument).
+    out = kernels.dot_product_attention(
+        q, k, v, implementation="test_recording", finite_kv_padding=True
+    )
+    assert recorded == ["test_recording"] and out.shape == q.shape
+
+
+def test_finite_kv_padding_must_be_a_bool():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"'finite_kv_padding'.*True or False"):
+        kernels.dot_product_attention(q, k, v, finite_kv_padding="yes")

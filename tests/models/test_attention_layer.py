@@ -137,3 +137,37 @@ def test_random_features_come_from_the_params_rng_and_then_stay_fixed():
     stepped = optax.apply_updates(params, updates)
     np.testing.assert_array_equal(stepped["random_features"], params["random_features"])
     assert not np.allclose(stepped["query"]["kernel"], params["query"]["kernel"])
+
+
+@pytest.mark.parametrize("attention", ["dot_product", "sliding_window"])
+def test_decoding_caches_padding_as_zeros_and_nan_there_never_leaks(attention):
+    """A ragged prompt whose padding holds NaN: the cache keeps zeros in those slots (the
+    kernels are told that what no query sees is finite), and every later output is the
+    one of a prompt padded with zeros."""
+    window = {"local_window_size": (3, 0)} if attention == "sliding_window" else {}
+    layer = models.MultiHeadAttention(
+        num_heads=2, is_causal=True, attention=attention, attention_kwargs=window
+    )
+    prompt, lengths = _x((2, 4, 8)), jnp.array([4, 2])
+    padding = jnp.arange(4)[None, :, None] >= lengths[:, None, None]
+    params = layer.init(jax.random.key(0), prompt)["params"]
+    cache = layer.init(jax.random.key(0), _x((2, 8, 8)), decode=True)["cache"]
+
+    def run(prompt):
+        step = lambda c, x, n=None: layer.apply(
+            {"params": params, "cache": c}, x, lengths=n, decode=True, mutable=["cache"]
+        )
+        out, state = step(cache, prompt, lengths)
+        outs = [out]
+        for t in range(3):
+            out, state = step(state["cache"], _x((2, 1, 8), seed=10 + t))
+            outs.append(out)
+        return jnp.concatenate(outs, 1), state["cache"]
+
+    out_nan, cache_nan = run(jnp.where(padding, jnp.nan, prompt))
+    out_zero, _ = run(jnp.where(padding, 0.0, prompt))
+    real = np.asarray(jnp.concatenate([~padding[..., 0], jnp.ones((2, 3), bool)], 1))
+    assert np.all(np.isfinite(np.asarray(out_nan)[real]))
+    np.testing.assert_allclose(np.asarray(out_nan)[real], np.asarray(out_zero)[real], atol=1e-6)
+    for name in ("cached_key", "cached_value"):
+        assert np.all(np.isfinite(np.asarray(cache_nan[name])))

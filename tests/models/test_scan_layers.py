@@ -117,11 +117,12 @@ def test_scanned_caches_keep_the_batch_axis_first():
     lm = models.TransformerLM(VOCAB, dataclasses.replace(BASE, scan_layers=True))
     cache = decode.init_cache(lm, jnp.zeros((3, 10), jnp.int32))
     layers = cache["layers"]["attention"]
-    assert layers["cached_key"].shape == (3, 2, 10, 2, 4)  # [batch, layers, len, heads, dim]
+    # [batch, layers, kv_heads, len, dim]
+    assert layers["cached_key"].shape == (3, 2, 2, 10, 4)
     assert layers["cache_lengths"].shape == (3, 2)
     assert LAYER_AXES["cache"] == 1
     unstacked = models.unstack_layer_params(cache, axis=LAYER_AXES["cache"])
-    assert unstacked["layer_1"]["attention"]["cached_key"].shape == (3, 10, 2, 4)
+    assert unstacked["layer_1"]["attention"]["cached_key"].shape == (3, 2, 10, 4)
 
 
 def test_scanned_layers_get_their_own_initialisation_and_dropout():
