@@ -51,7 +51,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
     flags.DEFINE_integer("batch", 4, "Sequences per step.")
     flags.DEFINE_string("attention", "dot_product", "Attention kernel (registry name).")
-    flags.DEFINE_integer("repeats", 1, "Timed steps per case (median; 0: compile only).")
+    flags.DEFINE_integer("repeats", 5, "Timed steps per case (median; 0: compile only).")
     flags.DEFINE_string("out_dir", "runs/bench_depth", "Output directory.")
 
 
@@ -162,10 +162,7 @@ def markdown(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     reporting.start(argv)
-    try:
-        depths = [int(n) for n in FLAGS.layers]
-    except ValueError:
-        raise app.UsageError(f"--layers: expected integers, got {FLAGS.layers}") from None
+    depths = reporting.positive_ints(FLAGS.layers, "layers", allow_empty=False)
     try:
         for variant in FLAGS.variants:
             parse_variant(variant)

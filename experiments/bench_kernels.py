@@ -204,7 +204,8 @@ def prepare(
 
 def time_in_turn(runs: list[Callable[[], Any]], repeats: int) -> list[float | Exception]:
     """Median seconds of each run (or the error it raised) after a warm-up, the runs timed
-    in turn ``repeats`` times, so a change in the machine's load hits them alike."""
+    in turn ``repeats`` times, so a change in the machine's load hits them alike; the
+    order reverses every round, so that no run always follows the same one."""
     times: list[list[float] | Exception] = []
     for run in runs:
         try:
@@ -212,8 +213,9 @@ def time_in_turn(runs: list[Callable[[], Any]], repeats: int) -> list[float | Ex
             times.append([])
         except Exception as error:
             times.append(error)
-    for _ in range(repeats):
-        for run, mine in zip(runs, times, strict=True):
+    for round_ in range(repeats):
+        order = list(zip(runs, times, strict=True))
+        for run, mine in order if round_ % 2 == 0 else order[::-1]:
             if isinstance(mine, Exception):
                 continue
             start = time.perf_counter()

@@ -112,10 +112,12 @@ def memory(compiled) -> dict[str, int]:
 
 
 def take_turns(runs: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median seconds of each run, the runs timed in turn ``repeats`` times."""
+    """Median seconds of each run, the runs timed in turn ``repeats`` times (the order
+    reversing every round, so that no run always follows the same one)."""
     times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, mine in zip(runs, times, strict=True):
+    for round_ in range(repeats):
+        order = list(zip(runs, times, strict=True))
+        for run, mine in order if round_ % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             run()
             mine.append(time.perf_counter() - start)

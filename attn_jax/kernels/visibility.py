@@ -151,9 +151,8 @@ class Visibility:
         ) or bool(self.is_causal)
 
     @property
-    def every_query_sees_a_key(self) -> bool:
-        """Whether, statically, every query sees at least one key (default positions, no
-        lengths, segments or mask): kernels then need not zero rows that see nothing."""
+    def _only_structure(self) -> bool:
+        """No lengths, segments, mask or explicit positions: visibility is static."""
         given = (
             self.query_lengths,
             self.key_value_lengths,
@@ -163,7 +162,13 @@ class Visibility:
             self.query_positions,
             self.key_value_positions,
         )
-        if self.kv_len == 0 or any(x is not None for x in given):
+        return self.q_len > 0 and self.kv_len > 0 and all(x is None for x in given)
+
+    @property
+    def every_query_sees_a_key(self) -> bool:
+        """Whether, statically, every query sees at least one key (default positions, no
+        lengths, segments or mask): kernels then need not zero rows that see nothing."""
+        if not self._only_structure:
             return False
         first, last = self.offset, self.offset + self.q_len - 1  # query positions
         if self.window is None:  # causal: query p sees keys 0 .. p
@@ -173,6 +178,21 @@ class Visibility:
             right = min(right, 0)
         # Query p sees keys max(0, p - left) .. min(kv_len - 1, p + right).
         return first + right >= 0 and last - left <= self.kv_len - 1
+
+    @property
+    def every_key_is_seen(self) -> bool:
+        """Whether, statically, every key is seen by at least one query (default positions,
+        no lengths, segments or mask): kernels then need not zero the keys and values."""
+        if not self._only_structure:
+            return False
+        first, last = self.offset, self.offset + self.q_len - 1  # query positions
+        left, right = (self.kv_len, self.kv_len) if self.window is None else self.window
+        if self.is_causal:
+            right = min(right, 0)
+        if left + right < 0:
+            return False  # an empty window
+        # The queries' windows p - left .. p + right, for consecutive p, cover one range.
+        return first - left <= 0 and last + right >= self.kv_len - 1
 
     @property
     def offset(self) -> int:
@@ -233,6 +253,9 @@ class Visibility:
         """
         if not self.restricts:
             return None, None
+        all_q, all_k = self.every_query_sees_a_key, self.every_key_is_seen
+        if all_q and all_k:
+            return None, None
         q, k = self.tokens()
         q_ok, k_ok = _valid(q), _valid(k)
         if q.segment_ids is not None and k.segment_ids is not None:
@@ -260,7 +283,7 @@ class Visibility:
                 cols = cols.reshape(*cols.shape[:-2], kv_heads, heads // kv_heads, -1).any(-2)
             cols = jnp.swapaxes(cols, -1, -2)[..., None]  # [*b, kv, kvh, 1]
             q_ok, k_ok = q_ok & rows, k_ok & cols
-        return q_ok, k_ok
+        return (None if all_q else q_ok), (None if all_k else k_ok)
 
 
 def _side(default_positions, index, positions, lengths, segment_ids, rank: int) -> Tokens:

@@ -84,3 +84,11 @@ def test_command_line_writes_json_markdown_and_plots(tmp_path):
         [*command[:2], "--repeats=2"], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert bad.returncode != 0 and "--repeats" in bad.stderr
+
+
+def test_contenders_take_turns_in_alternating_order():
+    calls = []
+    runs = [lambda name=name: calls.append(name) for name in "abc"]
+    seconds = bench_kernels.time_in_turn(runs, repeats=3)
+    assert len(seconds) == 3 and all(s >= 0 for s in seconds)
+    assert "".join(calls) == "abc" + "abc" + "cba" + "abc"  # warm-up, then three rounds

@@ -196,7 +196,7 @@ def test_bad_arguments_are_named(kwargs, argument):
         vis.build((2,), 1, 3, 5, **kwargs)
 
 
-def test_every_query_sees_a_key_exactly_when_the_dense_mask_says_so():
+def test_every_query_sees_a_key_and_every_key_is_seen_exactly_when_the_mask_says_so():
     """The static shortcut (no zeroing of empty rows) is never claimed wrongly: checked
     against the dense mask for every small causal / window / alignment combination."""
     windows = [None, (0, 0), (1, 0), (0, 1), (2, 3), (3, 0), (0, 4), (7, 7)]
@@ -213,7 +213,12 @@ def test_every_query_sees_a_key_exactly_when_the_dense_mask_says_so():
             causal_alignment=alignment,
         )
         mask = v.dense_mask()
+        case = (q_len, kv_len, causal, window, alignment)
         truth = mask is None or bool(np.asarray(mask).any(-1).all())
-        assert v.every_query_sees_a_key == truth, (q_len, kv_len, causal, window, alignment)
+        assert v.every_query_sees_a_key == truth, case
+        seen = mask is None or bool(np.asarray(mask).any(-2).all())
+        assert v.every_key_is_seen == seen, case
+        q_ok, k_ok = v.reachable(kv_heads=1)
+        assert (q_ok is None) == truth and (k_ok is None) == seen, case
     padded = vis.build((1,), 1, 4, 4, key_value_seq_lengths=jnp.array([4]))
-    assert not padded.every_query_sees_a_key
+    assert not padded.every_query_sees_a_key and not padded.every_key_is_seen
