@@ -202,26 +202,33 @@ def prepare(
     return {"status": "ok", "scratch_bytes": scratch}, lambda: compiled(q, k, v)
 
 
-def time_in_turn(runs: list[Callable[[], Any]], repeats: int) -> list[float | Exception]:
-    """Median seconds of each run (or the error it raised) after a warm-up, the runs timed
-    in turn ``repeats`` times, so a change in the machine's load hits them alike; the
-    order reverses every round, so that no run always follows the same one."""
-    times: list[list[float] | Exception] = []
-    for run in runs:
-        try:
-            jax.block_until_ready(run())  # warm-up
-            times.append([])
-        except Exception as error:
-            times.append(error)
+def take_turns(runs: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each run, the runs timed in turn ``repeats`` times, so a change in
+    the machine's load hits them alike; the order reverses every round, so that no run
+    always follows the same one."""
+    times: list[list[float]] = [[] for _ in runs]
     for round_ in range(repeats):
         order = list(zip(runs, times, strict=True))
         for run, mine in order if round_ % 2 == 0 else order[::-1]:
-            if isinstance(mine, Exception):
-                continue
             start = time.perf_counter()
             jax.block_until_ready(run())
             mine.append(time.perf_counter() - start)
-    return [t if isinstance(t, Exception) else statistics.median(t) for t in times]
+    return [statistics.median(t) for t in times]
+
+
+def time_in_turn(runs: list[Callable[[], Any]], repeats: int) -> list[float | Exception]:
+    """:func:`take_turns` after a warm-up of each run; a run whose warm-up raises gives
+    its error instead and is not timed."""
+    errors: list[Exception | None] = []
+    for run in runs:
+        try:
+            jax.block_until_ready(run())  # warm-up
+            errors.append(None)
+        except Exception as error:
+            errors.append(error)
+    ready = [run for run, error in zip(runs, errors, strict=True) if error is None]
+    seconds = iter(take_turns(ready, repeats))
+    return [next(seconds) if error is None else error for error in errors]
 
 
 def measure(fn: Callable[..., jax.Array], *, repeats: int, **problem: Any) -> dict[str, Any]:

@@ -27,10 +27,8 @@ from __future__ import annotations
 import datetime
 import pathlib
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,6 +40,7 @@ from attn_jax import decode, kernels, models
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments import reporting
+from experiments.bench_kernels import take_turns
 from experiments.flax_lm import FlaxLM
 
 FLAGS = flags.FLAGS
@@ -109,19 +108,6 @@ def memory(compiled) -> dict[str, int]:
         - m.alias_size_in_bytes
     )
     return {"temp_bytes": int(m.temp_size_in_bytes), "peak_bytes": int(peak)}
-
-
-def take_turns(runs: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median seconds of each run, the runs timed in turn ``repeats`` times (the order
-    reversing every round, so that no run always follows the same one)."""
-    times: list[list[float]] = [[] for _ in runs]
-    for round_ in range(repeats):
-        order = list(zip(runs, times, strict=True))
-        for run, mine in order if round_ % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            run()
-            mine.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 # ----------------------------------------------------------------------------- training
