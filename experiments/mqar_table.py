@@ -3,16 +3,19 @@ compare with Figure 2 of Zoology (Arora et al. 2023): softmax attention solves m
 associative recall (~0.98+) at every width and length, while the other model classes fall
 as sequences grow at small widths.
 
-Each (length, width, kernel, learning rate) trains ``configs/mqar.py`` in
-``OUT_DIR/L{length}/{kernel}_w{width}_lr{lr}`` (reruns skip finished trials); as in Zoology
-a cell reports the best final eval accuracy over the learning rates. The CPU variant covers
-length 64 (4 key-value pairs) at width 64 with the quickstart's training (2,000 steps of
-batch 64, 100,000 examples; ``--widths=64,128`` adds width 128, which that budget does not
-train: it stalls at the 1-in-4 guess); ``--full`` is the Zoology-sized grid for an
-accelerator: lengths 64/128/256/512 with 4/8/16/64 pairs, widths 64-512, batch 512 for 64
-epochs, learning rates 3e-4/1e-3/3e-3. Writes ``mqar.json``, ``mqar.md`` and ``mqar.png``::
+Each (length, width, kernel, learning rate) trains ``configs/mqar.py`` (2 attention-only
+layers with rotary positions, one head; the same recipe at every width) in
+``OUT_DIR/L{length}/{kernel}_w{width}_lr{lr}`` (reruns skip finished trials and resume
+interrupted ones, so a grid can run across sittings); as in Zoology a cell reports the
+best final eval accuracy over the learning rates. The CPU grid covers lengths 64 and 128
+(4 and 8 key-value pairs) at widths 64, 128 and 256 for ``dot_product``, ``linear``,
+``performer`` and ``sliding_window`` (the config's 1,000 steps of batch 64, learning
+rates 1e-3 and 3e-3); ``--full`` is the Zoology-sized grid for an accelerator: lengths
+64/128/256/512 with 4/8/16/64 pairs, widths 64-512, batch 512 for 64 epochs, learning
+rates 3e-4/1e-3/3e-3, every ``dot_product`` kernel. Writes ``mqar.json``, ``mqar.md``
+and ``mqar.png``::
 
-    python experiments/mqar_table.py                      # CPU: 6 trials of ~4 minutes
+    python experiments/mqar_table.py                      # CPU: 48 trials, ~2 hours
     python experiments/mqar_table.py --full --out_dir=runs/mqar_full
 """
 
@@ -38,12 +41,17 @@ from experiments.reporting import (
 
 KV_PAIRS = {64: 4, 128: 8, 256: 16, 512: 64}  # Zoology's pairs per sequence length
 GRIDS = {
-    # Width 128 stalls at the 1-in-4 guess within 2,000 CPU steps (lr 1e-3 and 3e-3).
-    "cpu": {"lengths": [64], "widths": [64], "learning_rates": [3e-3]},
+    "cpu": {
+        "lengths": [64, 128],
+        "widths": [64, 128, 256],
+        "learning_rates": [1e-3, 3e-3],
+        "kernels": ["dot_product", "linear", "performer", "sliding_window"],
+    },
     "full": {
         "lengths": [64, 128, 256, 512],
         "widths": [64, 128, 256, 512],
         "learning_rates": [3e-4, 1e-3, 3e-3],
+        "kernels": None,  # every dot_product kernel that runs here (default_kernels)
     },
 }
 
@@ -86,13 +94,13 @@ def run(
     out_dir = pathlib.Path(out_dir)
     base = load_config("mqar", "full" if full else None)
     best: dict[int, dict[str, dict[int, float | None]]] = {}
+    by_lr: dict[int, dict[str, dict[int, dict[float, float | None]]]] = {}
     for length in lengths:
         trials = {
             f"{kernel}_w{width}_lr{lr:g}": {
                 "data.seq_len": length,
                 "data.num_kv_pairs": KV_PAIRS[length],
                 "model.width": width,
-                "model.mlp_dim": 4 * width,
                 "optim.learning_rate": lr,
                 **kernel_overrides(kernel, length),
             }
@@ -101,18 +109,23 @@ def run(
             for lr in learning_rates
         }
         results = run_trials(base, trials, out_dir / f"L{length}", overrides)
-        best[length] = {
+        by_lr[length] = {
             kernel: {
-                width: _best(
-                    results[f"{kernel}_w{width}_lr{lr:g}"]["eval"].get("accuracy")
+                width: {
+                    lr: results[f"{kernel}_w{width}_lr{lr:g}"]["eval"].get("accuracy")
                     for lr in learning_rates
-                )
+                }
                 for width in widths
             }
             for kernel in kernels
         }
+        best[length] = {
+            kernel: {width: _best(accuracy.values()) for width, accuracy in by_width.items()}
+            for kernel, by_width in by_lr[length].items()
+        }
     report = {
         "accuracy": best,
+        "accuracy_by_learning_rate": by_lr,
         "kv_pairs": {length: KV_PAIRS[length] for length in lengths},
         "learning_rates": list(learning_rates),
         "full": full,
@@ -171,7 +184,7 @@ def main(argv: Sequence[str]) -> None:
     from attn_jax import kernels as registry
 
     grid = GRIDS["full" if FLAGS.full else "cpu"]
-    kernels = FLAGS.kernels or default_kernels()
+    kernels = FLAGS.kernels or grid["kernels"] or default_kernels()
     lengths = [int(n) for n in FLAGS.lengths] if FLAGS.lengths else grid["lengths"]
     start(
         argv,
@@ -197,7 +210,7 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     flags.DEFINE_string("out_dir", "runs/mqar_table", "Output directory.")
     flags.DEFINE_bool("full", False, "The Zoology-sized grid (accelerator) instead of CPU's.")
-    flags.DEFINE_list("kernels", None, "Kernels (default: every dot_product kernel).")
+    flags.DEFINE_list("kernels", None, "Kernels (default: the grid's; --full: every one).")
     flags.DEFINE_list("lengths", None, "Sequence lengths (default: the grid's).")
     flags.DEFINE_list("widths", None, "Model widths (default: the grid's).")
     flags.DEFINE_list("learning_rates", [], "Learning rates (default: the grid's).")

@@ -38,7 +38,8 @@ class TransformerOptions:
       width: model (embedding) features.
       num_layers: number of layers (per stack).
       num_heads / num_kv_heads: query and key/value heads (GQA when fewer kv heads).
-      mlp_dim: hidden features of the MLP (default ``4 * width``).
+      mlp_dim: hidden features of the MLP (default ``4 * width``); ``0``: no MLP, the
+        layers are attention only (Zoology's MQAR models).
       attention: registry name of the attention kernel (``dot_product`` interface; default
         ``"auto"``, the fastest exact kernel for the backend and shape), or a flax-style
         ``attention_fn`` callable.
@@ -109,6 +110,12 @@ def _check_sizes(options: TransformerOptions) -> None:
         raise ValueError(
             f"options.width ({options.width}) must be divisible by options.num_heads "
             f"({options.num_heads})"
+        )
+    mlp_dim = options.mlp_dim
+    if mlp_dim is not None and (not isinstance(mlp_dim, int) or mlp_dim < 0):
+        raise ValueError(
+            f"options.mlp_dim: expected None (4 * width), 0 (no MLP) or a positive integer, "
+            f"got {mlp_dim!r}"
         )
     kv_heads = options.num_kv_heads or options.num_heads
     if options.num_heads % kv_heads:
@@ -181,7 +188,7 @@ class Mlp(nn.Module):
         dense = lambda features, name: nn.Dense(
             features, dtype=o.dtype, param_dtype=o.param_dtype, name=name
         )
-        y = nn.gelu(dense(o.mlp_dim or 4 * o.width, "hidden")(x))
+        y = nn.gelu(dense(4 * o.width if o.mlp_dim is None else o.mlp_dim, "hidden")(x))
         y = nn.Dropout(o.dropout_rate)(y, deterministic=deterministic)
         return dense(o.width, "output")(y)
 
@@ -243,6 +250,8 @@ class EncoderLayer(nn.Module):
             decode=decode,
         )
         x = x + drop(y, deterministic=deterministic)
+        if o.mlp_dim == 0:
+            return x
         y = Mlp(o, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)
         return x + drop(y, deterministic=deterministic)
 
@@ -289,5 +298,7 @@ class DecoderLayer(nn.Module):
             decode=decode,
         )
         x = x + drop(y, deterministic=deterministic)
+        if o.mlp_dim == 0:
+            return x
         y = Mlp(o, name="mlp")(norm("mlp_norm")(x), deterministic=deterministic)
         return x + drop(y, deterministic=deterministic)

@@ -256,6 +256,7 @@ def test_encoder_decoder_beam_size_one_equals_greedy():
         ("num_heads", 3, "options.width"),
         ("num_kv_heads", 3, "options.num_heads"),
         ("dropout_rate", 1.5, "options.dropout_rate"),
+        ("mlp_dim", -1, "options.mlp_dim"),
     ],
 )
 def test_bad_options_name_the_field(field, value, message):
@@ -263,6 +264,14 @@ def test_bad_options_name_the_field(field, value, message):
     model = models.TransformerLM(VOCAB, options)
     with pytest.raises(ValueError, match=message):
         model.init(jax.random.key(0), _tokens((1, 4)))
+
+
+def test_mlp_dim_zero_makes_attention_only_layers():
+    model = models.TransformerLM(VOCAB, _options(mlp_dim=0))
+    tokens = _tokens((1, 4))
+    params = _init(model, tokens)
+    assert set(params["layer_0"]) == {"attention_norm", "attention"}
+    assert model.apply({"params": params}, tokens).shape == (1, 4, VOCAB)
 
 
 def test_dropout_is_keyed_and_reproducible():
