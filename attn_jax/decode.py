@@ -11,7 +11,8 @@ helpers build the step function for each model:
   cache (:mod:`attn_jax.models.kv_cache`).
 - :func:`translate` for :class:`~attn_jax.models.EncoderDecoder` (cached decoder; the
   memory's cross-attention keys/values are computed once per source) and
-  :class:`~attn_jax.models.Seq2SeqRNN` (recurrent state).
+  :class:`~attn_jax.models.Seq2SeqRNN` (recurrent state), over source tokens or, for
+  models with a ``source`` module, e.g. images (``[batch, height, width]`` pixels).
 
 Everything runs under ``jax.jit`` with ``lax.while_loop`` and stops early once every
 sequence has produced ``eos_id``; positions after EOS hold ``pad_id``.
@@ -362,12 +363,18 @@ def translate(
     top_k: int | None = None,
     rng: jax.Array | None = None,
 ) -> jax.Array:
-    """Decodes targets for ``src [batch, src_len]`` with an encoder-decoder model.
+    """Decodes targets for ``src`` with an encoder-decoder model.
+
+    Args:
+      src: ``[batch, src_len]`` source tokens, or ``[batch, ...]`` whatever the model's
+        ``source`` module embeds (e.g. ``[batch, height, width]`` pixels for a
+        :class:`~attn_jax.models.PatchEmbedder`); the model checks its rank.
 
     Returns:
       ``[batch, max_len]`` target tokens (without the leading ``bos_id``).
     """
-    chex.assert_rank(src, 2)
+    if getattr(src, "ndim", 0) < 1:
+        raise ValueError("translate: argument 'src' needs a leading batch axis")
     variables = {"params": params}
     if isinstance(model, Seq2SeqRNN):
         state, encoded = model.apply(variables, src, method=Seq2SeqRNN.encode)

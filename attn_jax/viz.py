@@ -12,6 +12,11 @@ and :func:`save_attention` draws one example's heads of one layer as a PNG::
         "layer0.png", layers["layer_0/attention"][0], x_labels=words, y_labels=words
     )
 
+Cross-modal attention over an image's patches (a captioner's weight per patch for each
+generated word) is drawn *over the image* by :func:`overlay_figure` / :func:`save_overlay`:
+:func:`patches_to_pixels` spreads each patch's weight over its pixels, shown as a heat layer
+on the grey image, one panel per word.
+
 Figures are built with matplotlib's object API (no pyplot state and no GUI backend).
 """
 
@@ -23,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["attention_figure", "collect_attention", "save_attention"]
+__all__ = [
+    "attention_figure",
+    "collect_attention",
+    "overlay_figure",
+    "patches_to_pixels",
+    "save_attention",
+    "save_overlay",
+]
 
 
 def collect_attention(intermediates: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -141,4 +153,124 @@ def save_attention(path: str | pathlib.Path, weights: np.ndarray, **kwargs: Any)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = attention_figure(weights, **kwargs)
     fig.savefig(path, dpi=100)
+    return path
+
+
+def patches_to_pixels(
+    weights: np.ndarray, grid: tuple[int, int], image_shape: tuple[int, int]
+) -> np.ndarray:
+    """Weights per patch spread over the pixels of each patch (block upsampling).
+
+    Args:
+      weights: ``[..., rows * cols]``, patches in raster order (row by row, left to right:
+        patch ``i`` is at row ``i // cols``, column ``i % cols`` of the grid), as
+        :func:`attn_jax.models.patches.embed_patches` orders them.
+      grid: ``(rows, cols)`` of the patches.
+      image_shape: ``(height, width)``, multiples of ``rows`` and ``cols``.
+
+    Returns:
+      ``[..., height, width]``: every pixel of patch ``i`` holds ``weights[..., i]``.
+    """
+    weights = np.asarray(weights, np.float32)
+    rows, cols = grid
+    height, width = image_shape
+    if weights.shape[-1:] != (rows * cols,):
+        raise ValueError(
+            f"patches_to_pixels: 'weights' must end in {rows * cols} patches ({rows}x{cols}), "
+            f"got shape {weights.shape}"
+        )
+    if height % rows or width % cols:
+        raise ValueError(
+            f"patches_to_pixels: image {height}x{width} is not a multiple of the grid {rows}x{cols}"
+        )
+    blocks = weights.reshape(*weights.shape[:-1], rows, cols)
+    return np.repeat(np.repeat(blocks, height // rows, axis=-2), width // cols, axis=-1)
+
+
+def overlay_figure(
+    image: np.ndarray,
+    weights: np.ndarray,
+    grid: tuple[int, int],
+    *,
+    words: Sequence[str] | None = None,
+    title: str | None = None,
+    alpha: float = 0.75,
+    cmap: str = "inferno",
+    panel_width: float = 6.0,
+):
+    """A matplotlib ``Figure``: the image once per step, each with that step's attention
+    over its patches drawn on top as heat (one panel per generated word).
+
+    Args:
+      image: ``[height, width]`` grey image, drawn black ink on white (larger = darker).
+      weights: ``[steps, rows * cols]`` (or ``[rows * cols]``) attention over the patches
+        in raster order (see :func:`patches_to_pixels`).
+      grid: ``(rows, cols)`` of the patches.
+      words: one panel title per step (e.g. the generated words).
+      title: figure title.
+      alpha: opacity of the heat where the weight is largest; it fades to transparent
+        with the weight, so unattended pixels show the plain image.
+      cmap: colour map of the heat.
+      panel_width: inches per panel (the height follows the image's aspect ratio).
+
+    The heat's colour scale is shared by the panels, from 0 to the largest weight.
+    """
+    from matplotlib import cm, colors
+    from matplotlib.figure import Figure
+
+    image = np.asarray(image, np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"overlay_figure: 'image' must be [height, width], got {image.shape}")
+    weights = np.asarray(weights, np.float32)
+    if weights.ndim == 1:
+        weights = weights[None]
+    if weights.ndim != 2:
+        raise ValueError(
+            f"overlay_figure: 'weights' must be [steps, patches], got shape {weights.shape}"
+        )
+    heat = patches_to_pixels(weights, grid, image.shape)  # [steps, height, width]
+    steps = len(heat)
+    if words is not None and len(words) != steps:
+        raise ValueError(f"overlay_figure: 'words' has {len(words)} entries for {steps} steps")
+    height, width = image.shape
+    panel_height = panel_width * height / width + 0.35
+    fig = Figure(
+        figsize=(panel_width + 1.0, panel_height * steps + (0.5 if title else 0.1)),
+        layout="constrained",
+    )
+    axes = fig.subplots(steps, 1, squeeze=False)[:, 0]
+    vmax = float(heat.max()) or 1.0
+    norm = colors.Normalize(0.0, vmax)
+    for step, ax in enumerate(axes):
+        ax.imshow(image, cmap="gray_r", vmin=0.0, vmax=max(float(image.max()), 1e-6))
+        ax.imshow(
+            heat[step],
+            cmap=cmap,
+            norm=norm,
+            alpha=alpha * np.clip(heat[step] / vmax, 0.0, 1.0),
+            interpolation="nearest",
+        )
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if words is not None:
+            ax.set_title(str(words[step]), fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    mappable = cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(mappable, ax=list(axes), shrink=0.8, label="attention weight")
+    return fig
+
+
+def save_overlay(
+    path: str | pathlib.Path,
+    image: np.ndarray,
+    weights: np.ndarray,
+    grid: tuple[int, int],
+    **kwargs: Any,
+) -> pathlib.Path:
+    """Draws :func:`overlay_figure` ``(image, weights, grid, **kwargs)`` and saves it as a
+    PNG at ``path`` (parent directories are created). Returns the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    overlay_figure(image, weights, grid, **kwargs).savefig(path, dpi=100)
     return path

@@ -15,7 +15,7 @@ The recipe is the same at every width: rotary positions (RoPE), no MLP, and the 
 rate swept per (width, length) cell (``experiments/mqar_table.py``). Learned absolute
 positions let the model take a shortcut: the key-value pairs sit at the same positions in
 every example, so attending to the value slots by position alone gives the 1-in-4 guess.
-At width 64 a model escapes that plateau within 2,000 steps; from width 128 on it locks
+A width-64 model with an MLP escapes that plateau within 2,000 steps; from width 128 on it locks
 into it (the first layer's attention collapses onto one position, no previous-token head
 forms) and stays at ~0.25. Relative positions offer no such shortcut and make the
 previous-token head a single rotation: width 128 then reaches 0.99 in 500 steps.

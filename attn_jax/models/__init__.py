@@ -7,6 +7,7 @@ from attn_jax.models.encoder_decoder import EncoderDecoder
 from attn_jax.models.encoder_stack import EncoderStack
 from attn_jax.models.layer_stack import stack_layer_params, unstack_layer_params
 from attn_jax.models.lm import TransformerLM
+from attn_jax.models.patches import PatchEmbedder
 from attn_jax.models.positions import LearnedPositions, apply_rope, sinusoidal_positions
 from attn_jax.models.seq2seq_rnn import Seq2SeqRNN
 from attn_jax.models.vit import VisionTransformer
@@ -16,6 +17,7 @@ __all__ = [
     "EncoderStack",
     "LearnedPositions",
     "MultiHeadAttention",
+    "PatchEmbedder",
     "Seq2SeqRNN",
     "TransformerEncoder",
     "TransformerLM",

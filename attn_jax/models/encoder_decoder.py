@@ -1,4 +1,5 @@
-"""Encoder-decoder Transformer (translation style)."""
+"""Encoder-decoder Transformer (translation style), over tokens or any embedded source
+(e.g. image patches: a ViT encoder with a captioning decoder)."""
 
 from __future__ import annotations
 
@@ -15,33 +16,55 @@ __all__ = ["EncoderDecoder"]
 
 
 class EncoderDecoder(nn.Module):
-    """Transformer encoder over source tokens, causal decoder with cross-attention.
+    """Transformer encoder over the source, causal decoder with cross-attention.
 
     Attributes:
       src_vocab_size / tgt_vocab_size: vocabularies; ``pad_id`` marks source padding.
+        ``src_vocab_size`` must be 0 with a ``source`` module.
       options: shared by encoder and decoder (``options.num_layers`` each).
+      source: a module embedding the source instead of tokens: ``source(src) ->
+        (embeddings [batch, src_len, width], valid [batch, src_len] bool or None)``, with
+        any absolute positions added (e.g. :class:`~attn_jax.models.PatchEmbedder`:
+        ``src [batch, height, width]`` pixels, a ViT encoder over the patches). RoPE, if
+        ``options.positions="rope"``, uses ``0 .. src_len - 1``; ``valid=None``: every
+        source position is visible.
     """
 
     src_vocab_size: int
     tgt_vocab_size: int
     options: TransformerOptions = TransformerOptions()
     pad_id: int = 0
+    source: nn.Module | None = None
 
     def setup(self):
         check_options(self.options)
-        self.src_embedder = TokenEmbedder(self.src_vocab_size, self.options)
+        if self.source is None:
+            self.src_embedder = TokenEmbedder(self.src_vocab_size, self.options)
+        elif self.src_vocab_size:
+            raise ValueError(
+                "EncoderDecoder: 'src_vocab_size' must be 0 with a 'source' module (which "
+                f"embeds the source itself), got {self.src_vocab_size}"
+            )
         self.encoder = EncoderStack(self.options)
         self.decoder = TransformerLM(self.tgt_vocab_size, self.options, cross_attention=True)
 
     def encode(
         self, src: jax.Array, *, deterministic: bool = True, sow_weights: bool = False
-    ) -> tuple[jax.Array, jax.Array]:
-        """``src [batch, src_len]`` -> memory ``[batch, src_len, width]`` and its key mask
-        ``[batch, 1, 1, src_len]``."""
-        chex.assert_rank(src, 2, custom_message="src: expected [batch, src_len]")
-        positions = jnp.arange(src.shape[1])[None, :]
-        memory_mask = (src != self.pad_id)[:, None, None, :]
-        x = self.src_embedder(src, positions)
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``src [batch, src_len]`` tokens (or what ``source`` takes) -> memory ``[batch,
+        src_len, width]`` and its key mask ``[batch, 1, 1, src_len]`` (``None`` when the
+        ``source`` module marks every position valid)."""
+        if self.source is None:
+            chex.assert_rank(src, 2, custom_message="src: expected [batch, src_len]")
+            positions = jnp.arange(src.shape[1])[None, :]
+            memory_mask = (src != self.pad_id)[:, None, None, :]
+            x = self.src_embedder(src, positions)
+        else:
+            x, valid = self.source(src)
+            chex.assert_rank(x, 3, custom_message="source: expected [batch, src_len, width]")
+            chex.assert_axis_dimension(x, 2, self.options.width)
+            positions = jnp.arange(x.shape[1])[None, :]
+            memory_mask = None if valid is None else valid[:, None, None, :]
         memory = self.encoder(
             x,
             mask=memory_mask,
@@ -55,7 +78,7 @@ class EncoderDecoder(nn.Module):
         self,
         tgt: jax.Array,
         memory: jax.Array | None,
-        memory_mask: jax.Array,
+        memory_mask: jax.Array | None,
         *,
         deterministic: bool = True,
         decode: bool = False,

@@ -1,4 +1,5 @@
-"""RNN sequence-to-sequence model: LSTM/GRU encoder, LSTM decoder attending at every step."""
+"""RNN sequence-to-sequence model: LSTM/GRU encoder (or none), LSTM decoder attending at
+every step; over tokens or any embedded source (e.g. image patches: "show, attend and tell")."""
 
 from __future__ import annotations
 
@@ -112,14 +113,22 @@ class Seq2SeqRNN(nn.Module):
 
     Attributes:
       src_vocab_size / tgt_vocab_size: vocabularies; ``pad_id`` marks (right) padding.
+        ``src_vocab_size`` must be 0 with a ``source`` module.
       embed_dim / hidden_dim: embedding and hidden sizes (a bidirectional encoder uses
         ``hidden_dim // 2`` per direction).
-      encoder_cell: ``"lstm"`` or ``"gru"``.
+      encoder_cell: ``"lstm"``, ``"gru"`` or ``"none"``: no recurrent encoder, the memory is
+        a linear projection of each source embedding to ``hidden_dim`` and the decoder
+        starts from their mean (Xu et al., 2015, "show, attend and tell", over image
+        features); ``"none"`` needs ``bidirectional=False``.
       bidirectional: bidirectional encoder.
       attention: registry name: ``"additive"`` (Bahdanau), ``"multiplicative"`` (Luong,
         with ``score`` ``"dot"`` or ``"general"``), any ``dot_product`` kernel, or
         ``"none"`` (no attention: the decoder sees only the encoder's final state).
       attention_units: hidden units of the additive score (default ``hidden_dim``).
+      source: a module embedding the source instead of tokens: ``source(src) ->
+        (embeddings [batch, src_len, embed_dim], valid [batch, src_len] bool or None)``,
+        e.g. :class:`~attn_jax.models.PatchEmbedder` over ``[batch, height, width]``
+        pixels; ``valid=None``: every position is visible.
 
     Training uses teacher forcing (``__call__``); :mod:`attn_jax.decode` decodes greedily or
     with beam search through :meth:`encode` and :meth:`decode_steps`.
@@ -137,12 +146,23 @@ class Seq2SeqRNN(nn.Module):
     pad_id: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    source: nn.Module | None = None
 
     def setup(self):
-        if self.encoder_cell not in CELLS:
+        if self.encoder_cell not in (*CELLS, "none"):
             raise ValueError(
-                f"Seq2SeqRNN: 'encoder_cell' must be one of {tuple(CELLS)}, "
+                f"Seq2SeqRNN: 'encoder_cell' must be one of {(*CELLS, 'none')}, "
                 f"got {self.encoder_cell!r}"
+            )
+        if self.encoder_cell == "none" and self.bidirectional:
+            raise ValueError(
+                "Seq2SeqRNN: 'bidirectional' must be False with encoder_cell='none' (no "
+                "recurrent encoder)"
+            )
+        if self.source is not None and self.src_vocab_size:
+            raise ValueError(
+                "Seq2SeqRNN: 'src_vocab_size' must be 0 with a 'source' module (which embeds "
+                f"the source itself), got {self.src_vocab_size}"
             )
         if self.attention != "none":
             if self.attention not in kernels.available():
@@ -160,9 +180,12 @@ class Seq2SeqRNN(nn.Module):
         if self.bidirectional and self.hidden_dim % 2:
             raise ValueError("Seq2SeqRNN: 'hidden_dim' must be even with a bidirectional encoder")
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        self.src_embed = nn.Embed(self.src_vocab_size, self.embed_dim, **kw)
-        cell = CELLS[self.encoder_cell]
-        if self.bidirectional:
+        if self.source is None:
+            self.src_embed = nn.Embed(self.src_vocab_size, self.embed_dim, **kw)
+        cell = CELLS.get(self.encoder_cell)
+        if cell is None:  # "none": the memory is a projection of the source embeddings
+            self.encoder = nn.Dense(self.hidden_dim, **kw)
+        elif self.bidirectional:
             half = self.hidden_dim // 2
             self.encoder = nn.Bidirectional(
                 nn.RNN(cell(half, **kw)), nn.RNN(cell(half, **kw)), return_carry=True
@@ -201,21 +224,36 @@ class Seq2SeqRNN(nn.Module):
         """The hidden state from an encoder carry (LSTM: ``(c, h)``; GRU: ``h``)."""
         return carry[1] if self.encoder_cell == "lstm" else carry
 
+    def _embed(self, src: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Source embeddings ``[B, S, embed_dim]`` and their ``valid [B, S]`` mask."""
+        if self.source is None:
+            chex.assert_rank(src, 2, custom_message="src: expected [batch, src_len]")
+            return self.src_embed(src), src != self.pad_id
+        x, valid = self.source(src)
+        chex.assert_rank(x, 3, custom_message="source: expected [batch, src_len, embed_dim]")
+        if valid is None:
+            valid = jnp.ones(x.shape[:2], bool)
+        return x, valid
+
     def encode(self, src: jax.Array) -> tuple[Any, tuple[jax.Array, jax.Array, jax.Array]]:
-        """``src [batch, src_len]`` -> (initial decoder state, encoder outputs).
+        """``src [batch, src_len]`` tokens (or what ``source`` takes) -> (initial decoder
+        state, encoder outputs).
 
         The encoder outputs are ``(memory [B, S, hidden], keys, valid [B, S])``; ``keys`` are
         the additive score's projected keys ``[B, S, units]`` (computed once per sequence),
         or ``memory`` itself for other scores.
         """
-        chex.assert_rank(src, 2, custom_message="src: expected [batch, src_len]")
-        valid = src != self.pad_id
-        lengths = valid.sum(-1)
-        carry, memory = self.encoder(self.src_embed(src), seq_lengths=lengths)
-        if self.bidirectional:
-            final = jnp.concatenate([self._final_hidden(c) for c in carry], -1)
+        x, valid = self._embed(src)
+        if self.encoder_cell == "none":
+            memory = self.encoder(x)
+            weights = valid.astype(memory.dtype)[..., None]
+            final = (memory * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
         else:
-            final = self._final_hidden(carry)
+            carry, memory = self.encoder(x, seq_lengths=valid.sum(-1))
+            if self.bidirectional:
+                final = jnp.concatenate([self._final_hidden(c) for c in carry], -1)
+            else:
+                final = self._final_hidden(carry)
         memory = memory.astype(self.dtype)  # flax's RNN carries float32 state
         h0 = jnp.tanh(self.bridge(final)).astype(self.dtype)
         state = ((jnp.zeros_like(h0), h0), jnp.zeros_like(h0))  # ((c, h), feed)

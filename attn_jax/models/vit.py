@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from attn_jax.models.blocks import TransformerOptions, check_options
 from attn_jax.models.encoder_stack import EncoderStack
+from attn_jax.models.patches import embed_patches
 from attn_jax.models.positions import LearnedPositions, check_length, sinusoidal_positions
 
 __all__ = ["VisionTransformer"]
@@ -50,16 +51,7 @@ class VisionTransformer(nn.Module):
                 f"VisionTransformer: image size {height}x{width} is not a multiple of "
                 f"patch_size {p}"
             )
-        x = nn.Conv(
-            o.width,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=o.dtype,
-            param_dtype=o.param_dtype,
-            name="patch_embedding",
-        )(images.astype(o.dtype))
-        x = x.reshape(batch, -1, o.width)  # [batch, patches, width]
+        x = embed_patches(images, o.width, p, dtype=o.dtype, param_dtype=o.param_dtype)
         cls = self.param("cls", nn.initializers.zeros, (1, 1, o.width), o.param_dtype)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, o.width)), x], 1)
         positions = jnp.arange(x.shape[1])[None, :]

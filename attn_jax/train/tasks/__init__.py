@@ -2,7 +2,14 @@
 
 ``config.data.name`` picks the task; ``config.model.name`` the model where a task offers
 several. Registered tasks: ``mqar``, ``copy``, ``induction`` (decoder LMs), ``scan``,
-``numbers`` (seq2seq), ``listops``, ``digits`` (classification).
+``numbers`` (seq2seq), ``listops``, ``digits`` (classification), ``digit_captions``
+(image -> text), and on the user's own files ``text`` (byte- or character-level LM),
+``pairs`` (seq2seq on TSV) and ``labelled`` (classification on JSONL / CSV).
+
+Tasks register by name in :mod:`attn_jax.train.tasks.registry`, from any package: a
+``@register_task("name")`` decorator on ``build(config) -> Task``, or a module's
+``TASKS = {name: TaskDefinition(...)}`` dict. ``$ATTN_JAX_TASK_MODULES`` (comma-separated
+modules) is imported here, after the built-in tasks.
 """
 
 from __future__ import annotations
@@ -12,16 +19,41 @@ from typing import Any
 import jax
 import ml_collections
 
-from attn_jax.train.tasks import classification, language_model, seq2seq
+from attn_jax.train.tasks import (
+    captions,
+    classification,
+    labelled,
+    language_model,
+    pairs,
+    seq2seq,
+    text,
+)
 from attn_jax.train.tasks.base import Task, TaskDefinition, transformer_options
+from attn_jax.train.tasks.registry import (
+    TASKS,
+    import_task_modules,
+    register_task,
+    register_tasks,
+    unregister_task,
+)
 
-__all__ = ["TASKS", "Task", "TaskDefinition", "build_task", "init_params", "transformer_options"]
+__all__ = [
+    "TASKS",
+    "Task",
+    "TaskDefinition",
+    "build_task",
+    "import_task_modules",
+    "init_params",
+    "register_task",
+    "register_tasks",
+    "transformer_options",
+    "unregister_task",
+]
 
-TASKS: dict[str, TaskDefinition] = {
-    **language_model.TASKS,
-    **seq2seq.TASKS,
-    **classification.TASKS,
-}
+# The file tasks (labelled, pairs, text) registered on import (@register_task); the other
+# modules' TASKS dicts register here.
+for _module in (language_model, seq2seq, classification, captions, text, pairs, labelled):
+    register_tasks(getattr(_module, "TASKS", {}), _module.__name__)
 
 
 def _definition(config: ml_collections.ConfigDict) -> TaskDefinition:
@@ -45,3 +77,6 @@ def init_params(task: Task, rng: jax.Array) -> Any:
     """Initial parameters of ``task.model`` (jitted init)."""
     inputs = task.model_inputs(task.init_batch())
     return jax.jit(lambda r: task.model.init(r, *inputs))(rng)["params"]
+
+
+import_task_modules()  # $ATTN_JAX_TASK_MODULES, last: their modules may import this package

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -23,11 +23,13 @@ __all__ = [
     "SEQ_AXIS",
     "LossFn",
     "SequenceParallelLoss",
+    "StepDataset",
     "Task",
     "TaskDefinition",
     "check_fields",
     "masked_cross_entropy",
     "model_fields",
+    "monitored_subset",
     "predict_in_batches",
     "transformer_options",
     "weights_kernel",
@@ -55,6 +57,13 @@ class SequenceParallelLoss:
     ordering: str = "contiguous"
 
 
+class StepDataset(Protocol):
+    """Training data other than an :class:`ArrayDataset` (e.g. random windows of a text):
+    ``batch(step, batch_size)`` must be a pure function of the seed and ``step``."""
+
+    def batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]: ...
+
+
 @dataclasses.dataclass
 class Task:
     """What the training loop needs to know about a task.
@@ -62,7 +71,8 @@ class Task:
     Attributes:
       model: the Flax module.
       train / eval: step-indexed datasets of numpy arrays (``eval`` is evaluated every
-        ``config.train.eval_every`` steps; its size is a multiple of the batch size).
+        ``config.train.eval_every`` steps; its size is a multiple of the batch size);
+        ``train`` may be any :class:`StepDataset`.
       loss_fn: ``(params, batch, rng, deterministic) -> (loss, metrics)`` with scalar
         metrics (``"accuracy"`` is the evaluation metric that picks the best checkpoint).
       model_inputs: ``batch -> (positional model arguments)`` (used to initialise).
@@ -77,7 +87,7 @@ class Task:
     """
 
     model: nn.Module
-    train: ArrayDataset
+    train: ArrayDataset | StepDataset
     eval: ArrayDataset
     loss_fn: LossFn
     model_inputs: Callable[[dict[str, np.ndarray]], tuple]
@@ -174,6 +184,13 @@ def masked_cross_entropy(
     token_accuracy = (right * weights).sum() / count
     accuracy = jnp.all(right | ~valid, axis=-1).mean()
     return loss, {"loss": loss, "token_accuracy": token_accuracy, "accuracy": accuracy}
+
+
+def monitored_subset(count: int, size: int, seed: int) -> np.ndarray:
+    """The sorted indices of ``size`` of ``count`` evaluation examples scored while training:
+    a fixed random subset (by ``seed``), so that files sorted by label or length are not
+    monitored on their first examples only."""
+    return np.sort(np.random.default_rng((seed, count)).permutation(count)[:size])
 
 
 def predict_in_batches(
