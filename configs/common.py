@@ -17,6 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.b2 = 0.98
     config.optim.grad_clip = 1.0
     config.optim.end_learning_rate_factor = 0.0
+    # > 0: learning_rate is tuned at this model width; the hidden matrices' rate scales as
+    # 1 / config.model.width (muP's rule for Adam; attn_jax.train.optim.width_factor).
+    config.optim.lr_reference_width = 0
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 1000

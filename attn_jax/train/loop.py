@@ -120,7 +120,7 @@ def train_and_evaluate(
         )
     writer_process = jax.process_index() == 0
     total_steps = train.steps
-    tx = make_optimizer(config.optim, total_steps)
+    tx = make_optimizer(config.optim, total_steps, config.model.get("width"))
 
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
     params = init_params(task, init_rng)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from attn_jax import kernels
+from attn_jax.train.optim import width_factor
 from attn_jax.train.tasks import TASKS, validate_task
 
 __all__ = ["ConfigError", "validate_train_config"]
@@ -87,6 +88,12 @@ def validate_train_config(
             "train.num_devices",
         ):
             _positive(config, path, allow_zero=True)
+        if config.optim.get("lr_reference_width", 0):
+            _positive(config, "optim.lr_reference_width")
+            try:
+                width_factor(config.optim, config.model.get("width"))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if config.train.num_devices > num_devices:
             raise ConfigError(
                 f"config.train.num_devices: {config.train.num_devices} requested but only "
