@@ -11,14 +11,20 @@ Sizes follow Zoology's smallest setting: sequence length 64, 4 key-value pairs, 
 8192, model width 64 with one attention head per layer and, as in Zoology's attention
 models, attention-only layers (``mlp_dim=0``).
 
-The recipe is the same at every width: rotary positions (RoPE), no MLP, and the learning
-rate swept per (width, length) cell (``experiments/mqar_table.py``). Learned absolute
-positions let the model take a shortcut: the key-value pairs sit at the same positions in
-every example, so attending to the value slots by position alone gives the 1-in-4 guess.
-A width-64 model with an MLP escapes that plateau within 2,000 steps; from width 128 on it locks
-into it (the first layer's attention collapses onto one position, no previous-token head
-forms) and stays at ~0.25. Relative positions offer no such shortcut and make the
-previous-token head a single rotation: width 128 then reaches 0.99 in 500 steps.
+The recipe is the same at every width: rotary positions (RoPE), no MLP, 2,000 steps of
+batch 32, and muP's learning-rate rule for Adam (``optim.lr_reference_width=64``: the
+hidden matrices learn at ``learning_rate * 64 / width``, embeddings and norms at
+``learning_rate``), the learning rate swept per (width, length) cell
+(``experiments/mqar_table.py``).
+
+Learned absolute positions let the model take a shortcut: the key-value pairs sit at the
+same positions in every example, so attending to the value slots by position alone gives
+the 1-in-4 guess. A width-64 model with an MLP escapes that plateau within 2,000 steps;
+from width 128 on it locks into it (the first layer's attention collapses onto one
+position, no previous-token head forms) and stays at ~0.25. Relative positions offer no
+such shortcut and make the previous-token head a single rotation. Width 256 then still
+needs the muP rule (at one rate for every weight it stalls at 3e-3 and learns too slowly
+at 1.5e-3) and about 1,000 steps on the plateau before recall forms.
 """
 
 import ml_collections
@@ -51,9 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.remat = "none"  # or "full", "dots", "dots_with_no_batch_dims"
 
     config.optim.learning_rate = 3e-3
+    config.optim.lr_reference_width = 64  # hidden matrices: 3e-3 * 64 / width (muP)
     config.optim.weight_decay = 0.0
-    config.train.steps = 1000
-    config.train.batch_size = 64
+    config.train.steps = 2000
+    config.train.batch_size = 32
     if arg == "quick":
         config.data.num_train = 512
         config.data.num_eval = 64
@@ -72,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.steps = 12_500  # 64 epochs of the 100,000 training examples
         config.train.eval_every = 1_250
         config.train.checkpoint_every = 1_250
-        config.optim.learning_rate = 1e-3
+        config.optim.learning_rate = 3e-3  # hidden matrices at 7.5e-4 (width 256)
     elif arg is not None:
         raise ValueError(f"configs/mqar.py: unknown variant {arg!r}; expected 'quick' or 'full'")
     return config

@@ -9,13 +9,15 @@ layers with rotary positions, one head; the same recipe at every width) in
 interrupted ones, so a grid can run across sittings); as in Zoology a cell reports the
 best final eval accuracy over the learning rates. The CPU grid covers lengths 64 and 128
 (4 and 8 key-value pairs) at widths 64, 128 and 256 for ``dot_product``, ``linear``,
-``performer`` and ``sliding_window`` (the config's 1,000 steps of batch 64, learning
-rates 3e-3 and 1e-2: at 1e-3, 1,000 steps are too few); ``--full`` is the Zoology-sized
-grid for an accelerator: lengths 64/128/256/512 with 4/8/16/64 pairs, widths 64-512,
-batch 512 for 64 epochs, learning rates 3e-4/1e-3/3e-3, every ``dot_product`` kernel.
+``performer`` and ``sliding_window`` (the config's 2,000 steps of batch 32; learning rates
+3e-3 and 1e-2, for the hidden matrices scaled by ``64 / width``: muP's rule, the
+config's ``optim.lr_reference_width``; trials are named by the unscaled rate); ``--full``
+is the Zoology-sized grid for an accelerator: lengths 64/128/256/512 with 4/8/16/64
+pairs, widths 64-512, batch 512 for 64 epochs, learning rates 3e-4/1e-3/3e-3, every
+``dot_product`` kernel.
 Writes ``mqar.json``, ``mqar.md`` and ``mqar.png``::
 
-    python experiments/mqar_table.py                      # CPU: 48 trials, ~2 hours
+    python experiments/mqar_table.py                      # CPU: 48 trials, hours
     python experiments/mqar_table.py --full --out_dir=runs/mqar_full
 """
 
