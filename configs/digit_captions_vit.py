@@ -4,7 +4,8 @@ encoder over 4x4 patches and a Transformer decoder cross-attending to them.
     python launch.py --config=configs/digit_captions_vit.py:quick             # CPU, minutes
     python launch.py --config=configs/digit_captions_vit.py:quick --config.data.beam_size=8
 
-Train strips have 3-5 digits (train images), test strips 3-6 (test images); the final
+Train strips have 3-5 digits (train images), test strips 3-6 (test images), validation
+strips 3-5 (train images that no train strip uses; they monitor training); the final
 evaluation decodes every test strip greedily and with beam search (exact match, BLEU, word
 accuracy by strip length), and ``attention/`` shows each generated word's cross-attention
 over the strip.
@@ -19,9 +20,10 @@ def captions_data(quick: bool) -> ml_collections.ConfigDict:
     """``config.data`` of the digit-strip captions (``attn_jax.data.digit_strips``)."""
     data = ml_collections.ConfigDict()
     data.name = "digit_captions"
-    data.num_train = 20_000 if quick else 100_000  # strips of the 1,437 train images
+    data.num_train = 20_000 if quick else 100_000  # strips of 1,293 of the 1,437 train images
     data.num_test = 1_000  # strips of the 360 test images
-    data.num_eval = 512  # test strips evaluated (teacher-forced) while training
+    data.num_eval = 512  # validation strips (3-5 digits) scored while training
+    data.valid_fraction = 0.1  # train images held out for them (144; 1,293 train the model)
     data.min_digits = 3
     data.max_train_digits = 5
     data.max_test_digits = 6  # the canvas: 8 x 48 pixels

@@ -10,8 +10,10 @@ model sees the whole canvas and must notice where the ink ends). ``lengths`` and
 :func:`make_digit_strips` builds train strips from the digits' train images and test strips
 from its test images (the stratified split of :func:`attn_jax.data.digits.load_digits_split`),
 so no test strip contains an image seen in training; by default train strips have 3-5
-digits and test strips 3-6 (longer than any training caption). Everything is a function of
-the arguments (``seed``).
+digits and test strips 3-6 (longer than any training caption). With ``valid_fraction``, a
+stratified share of the train images is held out of the train strips for validation
+strips (training lengths), which monitor training without reading the test images.
+Everything is a function of the arguments (``seed``).
 """
 
 from __future__ import annotations
@@ -141,20 +143,28 @@ def make_digit_strips(
     test_lengths: tuple[int, int] = (3, 6),
     seed: int = 0,
     test_fraction: float = 0.2,
+    num_valid: int = 0,
+    valid_fraction: float = 0.1,
 ) -> dict[str, DigitStrips]:
-    """Train strips from the digits' train images, test strips from its test images.
+    """Train strips from the digits' train images, test strips from its test images, and
+    optionally validation strips from train images that no train strip uses.
 
     Args:
       num_train / num_test: strips per split.
-      train_lengths / test_lengths: ``(min, max)`` digits per strip, inclusive.
-      seed: the image split (:func:`~attn_jax.data.digits.load_digits_split`) and the
-        strips (streams ``(seed, 0)`` for train, ``(seed, 1)`` for test).
+      train_lengths / test_lengths: ``(min, max)`` digits per strip, inclusive (validation
+        strips: ``train_lengths``).
+      seed: the image splits (:func:`~attn_jax.data.digits.load_digits_split`, then the
+        validation images) and the strips (streams ``(seed, 0)`` for train, ``(seed, 1)``
+        for test, ``(seed, 2)`` for validation).
       test_fraction: the digits' test share (0.2: 1,437 train / 360 test images).
+      num_valid: validation strips; 0: none, and every train image makes train strips.
+      valid_fraction: with ``num_valid``, the share of the train images held out for them,
+        stratified by class (0.1: 144 of 1,437, leaving 1,293 for the train strips).
 
     Returns:
-      ``{"train": DigitStrips, "test": DigitStrips}`` on one canvas,
+      ``{"train", "test"[, "valid"]}``: :class:`DigitStrips` on one canvas,
       ``max(train_lengths[1], test_lengths[1])`` digits wide; ``sources`` index the split's
-      own images, so train and test strips share none.
+      own pool of images, and no two splits share an image.
     """
     split = digits_data.load_digits_split(seed, test_fraction)
     canvas = max(train_lengths[1], test_lengths[1])
@@ -167,7 +177,24 @@ def make_digit_strips(
         canvas_digits=canvas,
         seed=(seed, stream),
     )
+    kept = np.arange(len(split.train_labels))
+    strips = {}
+    if num_valid:
+        from sklearn.model_selection import train_test_split
+
+        if not 0 < valid_fraction < 1:
+            raise ValueError(f"valid_fraction: expected a float in (0, 1), got {valid_fraction}")
+        kept, held = (
+            np.sort(part)
+            for part in train_test_split(
+                kept, test_size=valid_fraction, stratify=split.train_labels, random_state=seed
+            )
+        )
+        images, labels = split.train_images[held], split.train_labels[held]
+        strips["valid"] = make(images, labels, num_valid, train_lengths, 2)
+    images, labels = split.train_images[kept], split.train_labels[kept]
     return {
-        "train": make(split.train_images, split.train_labels, num_train, train_lengths, 0),
+        "train": make(images, labels, num_train, train_lengths, 0),
         "test": make(split.test_images, split.test_labels, num_test, test_lengths, 1),
+        **strips,
     }

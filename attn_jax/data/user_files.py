@@ -7,8 +7,8 @@ what is wrong::
     config.data.train_files: data/x.tsv:17: no tab between source and target
 
 The file tasks (``text``, ``pairs``, ``labelled``) read their files when the config is
-validated, so ``launch.py`` prints that line and exits with code 2 before anything is
-written.
+validated (:func:`split_files`: an evaluation file must not also be a training file), so
+``launch.py`` prints that line and exits with code 2 before anything is written.
 
 Tokenisation (``config.data.tokenize``): ``"char"``, every character (spaces included) is
 a token; ``"whitespace"``, ``str.split()`` (runs of spaces, tabs and newlines separate
@@ -23,6 +23,7 @@ import glob
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from attn_jax.data.vocab import SPECIALS, Vocabulary
 
@@ -38,6 +39,7 @@ __all__ = [
     "numbered_lines",
     "read_bytes",
     "resolve_files",
+    "split_files",
     "tokenize",
     "with_unknown",
 ]
@@ -90,6 +92,28 @@ def resolve_files(spec: str | Sequence[str], key: str) -> list[pathlib.Path]:
                 raise DataFileError(key, pattern, "no such file")
             matched = [path]
         files += [p for p in matched if p not in files]
+    return files
+
+
+def split_files(data: Any) -> dict[str, list[pathlib.Path]]:
+    """``{"train": files, "eval": files}`` of ``config.data.train_files`` /
+    ``config.data.eval_files`` (:func:`resolve_files`).
+
+    Raises:
+      DataFileError: as :func:`resolve_files`, or naming ``config.data.eval_files`` when
+        an evaluation file is also a training file (the same file after
+        ``Path.resolve()``, e.g. matched by a training glob too): it would score the model
+        on text it trained on.
+    """
+    files = {}
+    for split in ("train", "eval"):
+        key = f"config.data.{split}_files"
+        files[split] = resolve_files(data.get(f"{split}_files"), key)
+    training = {p.resolve() for p in files["train"]}
+    for path in files["eval"]:
+        if path.resolve() in training:
+            what = "is also a training file (config.data.train_files names it too)"
+            raise DataFileError("config.data.eval_files", path, what)
     return files
 
 

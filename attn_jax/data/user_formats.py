@@ -6,9 +6,11 @@
   with a string ``"text"`` and a string or integer ``"label"`` (other keys ignored); or
   ``.csv`` with a header row that has ``text`` and ``label`` columns (others ignored;
   quoting as Python's ``csv`` module reads it, so a quoted field may hold commas and line
-  breaks). Labels are compared as strings (``1`` and ``"1"`` are the same label).
+  breaks). Labels are compared as strings, without surrounding whitespace (``1``, ``"1"``
+  and ``" 1"`` are the same label).
 
-Errors are :class:`~attn_jax.data.user_files.DataFileError` naming the file and line.
+Errors are :class:`~attn_jax.data.user_files.DataFileError` naming the file and line (a
+CSV record's first line, where a quoted field spans several).
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ def _label(value: object, key: str, path: pathlib.Path, line: int) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         what = f'"label" must be a string or an integer, got {json.dumps(value)}'
         raise DataFileError(key, path, what, line)
-    if not str(value).strip():
+    label = str(value).strip()
+    if not label:
         raise DataFileError(key, path, "empty label", line)
-    return str(value)
+    return label
 
 
 def _jsonl(path: pathlib.Path, key: str, mode: str) -> list[Labelled]:
@@ -118,7 +121,7 @@ def _jsonl(path: pathlib.Path, key: str, mode: str) -> list[Labelled]:
 def _csv(path: pathlib.Path, key: str, mode: str) -> list[Labelled]:
     text = decode_utf8(read_bytes(path, key), path, key).removeprefix("\ufeff")
     reader = csv.reader(io.StringIO(text, newline=""))
-    examples = []
+    examples, start = [], 1  # start: the first line of the record being read
     try:
         header = next(reader, None)
         if header is None or not any(h.strip() for h in header):
@@ -127,10 +130,11 @@ def _csv(path: pathlib.Path, key: str, mode: str) -> list[Labelled]:
         missing = [c for c in ("text", "label") if c not in columns]
         if missing:
             what = f"the header has no {missing[0]!r} column (columns: {', '.join(columns)})"
-            raise DataFileError(key, path, what, reader.line_num)
+            raise DataFileError(key, path, what, 1)
         text_at, label_at = columns.index("text"), columns.index("label")
-        for row in reader:
-            number = reader.line_num
+        start = reader.line_num + 1
+        for row in reader:  # a record spans several lines where a quoted field does
+            number, start = start, reader.line_num + 1
             if not any(field.strip() for field in row):
                 continue
             if len(row) != len(columns):
@@ -140,7 +144,7 @@ def _csv(path: pathlib.Path, key: str, mode: str) -> list[Labelled]:
             label = _label(row[label_at], key, path, number)
             examples.append(Labelled(tokens, label, path, number))
     except csv.Error as error:
-        raise DataFileError(key, path, f"not valid CSV ({error})", reader.line_num) from None
+        raise DataFileError(key, path, f"not valid CSV ({error})", start) from None
     if not examples:
         raise DataFileError(key, path, "no examples (only a header)")
     return examples

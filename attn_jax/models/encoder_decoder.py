@@ -62,7 +62,9 @@ class EncoderDecoder(nn.Module):
         else:
             x, valid = self.source(src)
             chex.assert_rank(x, 3, custom_message="source: expected [batch, src_len, width]")
-            chex.assert_axis_dimension(x, 2, self.options.width)
+            chex.assert_axis_dimension(
+                x, 2, self.options.width, custom_message="source: expected [batch, src_len, width]"
+            )
             positions = jnp.arange(x.shape[1])[None, :]
             memory_mask = None if valid is None else valid[:, None, None, :]
         memory = self.encoder(

@@ -78,7 +78,8 @@ class PatchEmbedder(nn.Module):
         output channels) before the patch embedding, so each patch's features see its
         neighbours (the CNN of "show, attend and tell"); default none (a plain ViT).
       positions: ``"learned"`` (one embedding per patch, like the ViT's), ``"sinusoidal"``
-        (of the raster index) or ``"none"`` (e.g. when the encoder applies RoPE).
+        (of the raster index) or ``"none"`` (only when the encoder orders the patches itself:
+        RoPE, a recurrent encoder; otherwise it sees an unordered set).
     """
 
     features: int

@@ -231,6 +231,9 @@ class Seq2SeqRNN(nn.Module):
             return self.src_embed(src), src != self.pad_id
         x, valid = self.source(src)
         chex.assert_rank(x, 3, custom_message="source: expected [batch, src_len, embed_dim]")
+        chex.assert_axis_dimension(
+            x, 2, self.embed_dim, custom_message="source: expected [batch, src_len, embed_dim]"
+        )
         if valid is None:
             valid = jnp.ones(x.shape[:2], bool)
         return x, valid

@@ -1,5 +1,5 @@
 """Digit strips: deterministic, captions that match the digits, lengths, a canvas padded
-with blank paper, and train / test strips drawn from disjoint images."""
+with blank paper, and train / validation / test strips drawn from disjoint images."""
 
 from __future__ import annotations
 
@@ -78,3 +78,24 @@ def test_bad_arguments_name_the_argument():
         digit_strips.make_strips(
             np.zeros((4, 8, 9)), labels, 2, min_digits=1, max_digits=2, canvas_digits=2, seed=0
         )
+
+
+def _tiles(strips: digit_strips.DigitStrips) -> set[bytes]:
+    return {
+        np.ascontiguousarray(image[:, 8 * j : 8 * j + 8]).tobytes()
+        for image, length in zip(strips.images, strips.lengths, strict=True)
+        for j in range(length)
+    }
+
+
+def test_validation_strips_hold_out_train_images():
+    strips = digit_strips.make_digit_strips(300, 200, num_valid=100, seed=0)
+    valid, train = _tiles(strips["valid"]), _tiles(strips["train"])
+    assert not valid & train and not valid & _tiles(strips["test"])
+    split = digits.load_digits_split(0)
+    pool = {image[..., 0].tobytes() for image in split.train_images}
+    assert valid <= pool and set(strips["valid"].lengths.tolist()) == {3, 4, 5}
+    assert set(strips["valid"].digits[strips["valid"].digits >= 0].tolist()) == set(range(10))
+    np.testing.assert_array_equal(strips["test"].images, _strips()["test"].images)  # unchanged
+    again = digit_strips.make_digit_strips(300, 200, num_valid=100, seed=0)["valid"]
+    np.testing.assert_array_equal(again.images, strips["valid"].images)

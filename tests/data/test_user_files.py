@@ -18,7 +18,7 @@ from attn_jax.data.mqar import IGNORE
 from attn_jax.data.vocab import BOS, PAD
 from attn_jax.train.sweep import apply_overrides
 from attn_jax.train.tasks import build_task, init_params, validate_task
-from attn_jax.train.tasks.labelled import class_metrics
+from attn_jax.train.tasks.labelled import class_metrics, label_order
 from attn_jax.train.tasks.pairs import pair_metrics
 from attn_jax.train.tasks.text import final_eval_fn, loss_fn_for
 from attn_jax.train.validate import ConfigError, validate_train_config
@@ -71,6 +71,8 @@ BAD_INPUTS = [
      ":3: unknown label 'joy' (the training labels: sport, weather)"),
     ("labelled", "eval", "a.csv", "text,label\nrain,weather,extra\n",
      ":2: 3 fields, the header has 2"),
+    ("labelled", "eval", "a.csv", 'text,label\n"rain\nall day", weather \n"a\ngoal",cricket\n',
+     ":4: unknown label 'cricket' (the training labels: sport, weather)"),  # a record's 1st line
     ("labelled", "eval", "a.tsv", "rain\tweather\n",
      ": unknown format '.tsv'; expected .jsonl or .csv"),
 ]  # fmt: skip
@@ -89,7 +91,7 @@ TINY_MODEL = {"model.num_layers": 1, "model.width": 16, "model.mlp_dim": 32, "mo
 FINAL_KEYS = {
     "text": {"bits_per_byte", "loss", "accuracy", "count"},
     "pairs": {"exact_match", "bleu", "chrf", "count", "examples", "mistakes"},
-    "labelled": {"accuracy", "per_class", "class_counts", "confusion", "majority_class"},
+    "labelled": {"accuracy", "per_class", "class_counts", "confusion", "majority_train_class"},
 }
 
 
@@ -119,6 +121,33 @@ def test_missing_files_and_empty_globs_are_named(tmp_path):
     labels = r"unknown label 'weather' \(config.data.labels: sport, x\)"
     with pytest.raises(ValueError, match=rf"config.data.train_files: .*train_.*:1: {labels}"):
         validate_task(apply_overrides(_config("labelled", tmp_path), {"data.labels": "sport,x"}))
+    (tmp_path / "more.txt").write_text(GOOD["text"][1])
+    two = {
+        "data.train_files": f"{config.data.train_files},{tmp_path}/more.txt",
+        "data.seq_len": 300,
+    }
+    with pytest.raises(ValueError) as error:  # two files: 2 x 120 bytes and a <bos> each
+        validate_task(apply_overrides(config, two))
+    assert str(error.value) == (
+        "config.data.seq_len: a window needs 301 tokens, but config.data.train_files give 242 "
+        "(240 of text and a <bos> before each of the 2 file(s))"
+    )
+
+
+@pytest.mark.parametrize("task", sorted(GOOD))
+def test_an_evaluation_file_that_is_also_a_training_file_is_an_error(task, tmp_path):
+    config = _config(task, tmp_path)  # train_NAME and eval_NAME in tmp_path
+    suffix = GOOD[task][0].split(".")[1]
+    train = {"data.train_files": f"{tmp_path}/*.{suffix}"}  # matches the evaluation file too
+    with pytest.raises(ValueError) as error:
+        validate_task(apply_overrides(config, train))
+    assert str(error.value) == (
+        f"config.data.eval_files: {config.data.eval_files}: is also a training file "
+        "(config.data.train_files names it too)"
+    )
+    same = f"{tmp_path}/./{pathlib.Path(config.data.eval_files).name}"  # another spelling
+    with pytest.raises(ValueError, match=r"config\.data\.eval_files: .* is also a training file"):
+        validate_task(apply_overrides(config, {"data.train_files": same}))
 
 
 def test_windows_are_a_pure_function_of_seed_and_step():
@@ -184,17 +213,30 @@ def test_accuracy_per_class_and_confusion():
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["per_class"] == pytest.approx({"a": 2 / 3, "b": 1.0, "c": 0.0})  # no "d"
     assert metrics["class_counts"] == {"a": 3, "b": 2, "c": 1}
-    assert metrics["majority_class"] == 0.5
+    assert metrics["majority_train_class"] == 0.5
     assert metrics["confusion"] == {"a": {"a": 2, "b": 1}, "b": {"b": 2}, "c": {"b": 1}}
+    # Integer labels: numeric order (fullmatch -?[0-9]+), kept in the per-class entries and
+    # the confusion matrix (a string order would put "10" before "2").
+    names = label_order({"10", "2", "-1", "b", "--3", "²"})
+    assert names == ["-1", "2", "10", "--3", "b", "²"]
+    metrics = class_metrics(np.asarray([2, 1, 1]), np.asarray([2, 2, 1]), names, majority=1)
+    assert list(metrics["confusion"]) == list(metrics["per_class"]) == ["2", "10"]
+    assert list(metrics["confusion"]["10"]) == ["2", "10"]
 
 
-def test_pair_metrics_exact_match_and_bleu():
-    targets = ["3 1 2", "4 5", "7"]
-    metrics = pair_metrics(["3 1 2", "4 6", "7"], targets, ["s1", "s2", "s3"])
+def test_pair_metrics_compare_tokens_and_bleu():
+    targets = [list("312"), list("45"), list("7")]
+    outputs = [list("312"), list("46"), list("7")]
+    metrics = pair_metrics(outputs, targets, [["s1"], ["s2"], ["s3"]], "char")
     assert metrics["exact_match"] == pytest.approx(2 / 3)
     assert 0 < metrics["bleu"] < 100 and 0 < metrics["chrf"] < 100
-    assert metrics["mistakes"] == [{"source": "s2", "target": "4 5", "output": "4 6"}]
-    assert pair_metrics(targets, targets, targets)["bleu"] == pytest.approx(100)
+    assert metrics["mistakes"] == [{"source": "s2", "target": "45", "output": "46"}]
+    assert pair_metrics(targets, targets, targets, "char")["chrf"] == pytest.approx(100)
+    words = [["3", "1", "2"], ["4", "5"]]
+    assert pair_metrics(words, words, words, "whitespace")["bleu"] == pytest.approx(100)
+    # An unknown output token is not the target's literal text "<unk>" (same detokenised).
+    unknown = pair_metrics([["<unk>"]], [list("<unk>")], [["x"]], "char")
+    assert unknown["exact_match"] == 0.0 and unknown["mistakes"][0]["output"] == "<unk>"
 
 
 def test_launch_stops_with_one_line_and_exit_code_2_writing_nothing(tmp_path):

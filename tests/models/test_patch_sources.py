@@ -113,3 +113,15 @@ def test_vit_classifier_keeps_its_parameter_names():
 def test_bad_sources_name_the_attribute(model, match):
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(model.init, jax.random.key(0), IMAGES, TGT)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        models.EncoderDecoder(0, VOCAB, models.TransformerOptions(width=16), source=_rnn().source),
+        models.Seq2SeqRNN(0, VOCAB, embed_dim=16, source=_rnn().source),  # the source gives 8
+    ],
+)
+def test_a_source_of_the_wrong_width_is_refused(model):
+    with pytest.raises(AssertionError, match=r"source: expected \[batch, src_len, "):
+        jax.eval_shape(model.init, jax.random.key(0), IMAGES, TGT)

@@ -112,16 +112,28 @@ def test_batches_are_pixels_and_shifted_captions():
     assert batch["src"].shape == (5, 8, 48) and batch["src"].dtype == np.float32
     assert batch["tgt_in"].shape == batch["tgt_out"].shape == (5, 7)
     assert (batch["tgt_in"][:, 0] == 1).all()
+    # Training is monitored on validation strips of held-out train images, not test strips.
+    strips = digit_strips.make_digit_strips(
+        32, 8, seed=0, num_valid=8, train_lengths=(3, 5), test_lengths=(3, 6)
+    )
+    np.testing.assert_array_equal(task.eval.arrays["src"], strips["valid"].images)
+    assert len(task.eval) == 8 and set(strips["valid"].lengths.tolist()) <= {3, 4, 5}
 
 
 @pytest.mark.parametrize(
     "key, value, match",
     [
         ("data.max_train_digits", 7, "config.data.min_digits / max_train_digits"),
-        ("data.num_eval", 16, "config.data.num_eval: 16 exceeds"),
+        ("data.valid_fraction", 1.0, "config.data.valid_fraction: expected a float in"),
         ("data.beam_size", 0, "config.data.beam_size"),
         ("model.patch_size", 3, "config.model.patch_size"),
         ("model.patch_positions", "2d", "config.model.patch_positions"),
+        (
+            "model.patch_positions",
+            "none",
+            "config.model.patch_positions: 'none' leaves the "
+            "encoder without positions \\(config.model.positions='sinusoidal'",
+        ),
         ("model.name", "vit", "config.model.name: expected one of"),
     ],
 )
@@ -134,3 +146,10 @@ def test_bad_rnn_settings_name_the_config_key():
     config = _config("digit_captions_rnn", **{"model.bidirectional": True})
     with pytest.raises(ConfigError, match=r"config\.model\.bidirectional"):
         validate_train_config(config, 1)
+    config = _config("digit_captions_rnn", **{"model.patch_positions": "none"})
+    with pytest.raises(ConfigError, match=r"patch_positions: 'none' .*encoder_cell='none'"):
+        validate_train_config(config, 1)
+    lstm = {"model.patch_positions": "none", "model.encoder_cell": "lstm"}
+    validate_train_config(_config("digit_captions_rnn", **lstm), 1)  # the LSTM orders them
+    rope = {"model.patch_positions": "none", "model.positions": "rope"}
+    validate_train_config(_config(**rope), 1)  # so does RoPE in the ViT

@@ -44,7 +44,9 @@ def test_sharded_loss_and_gradients_equal_the_unsharded_ones(ordering):
     grad = jax.value_and_grad(reference.loss_fn, has_aux=True)
     (loss, metrics), grads = jax.jit(grad, static_argnums=3)(params, batch, jax.random.key(1), True)
 
-    strategy = SequenceParallel(sharded, make_optimizer(_config().optim, 8), jax.devices(), 4)
+    config = _config()
+    tx = make_optimizer(config.optim, 8, config.model.width)
+    strategy = SequenceParallel(sharded, tx, jax.devices(), 4)
     assert dict(strategy.mesh.shape) == {"data": 2, "seq": 4}
     loss_fn = sharded.sequence_parallel.loss_fn
 

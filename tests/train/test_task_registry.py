@@ -56,6 +56,13 @@ def test_readme_task_registers_from_its_own_file_and_trains(tmp_path):
     assert "majority" not in TASKS
 
 
+def test_builtin_tasks_register_through_their_modules_tasks_dicts():
+    assert {"validate_task", "build_task", "register_task"} <= set(tasks.__all__)
+    for module in (tasks.text, tasks.pairs, tasks.labelled, tasks.captions, tasks.seq2seq):
+        for name, definition in module.TASKS.items():
+            assert TASKS[name] is definition
+
+
 def test_duplicate_names_are_errors_naming_them():
     @register_task("registry_test")
     def build(config):

@@ -8,8 +8,9 @@ several. Registered tasks: ``mqar``, ``copy``, ``induction`` (decoder LMs), ``sc
 
 Tasks register by name in :mod:`attn_jax.train.tasks.registry`, from any package: a
 ``@register_task("name")`` decorator on ``build(config) -> Task``, or a module's
-``TASKS = {name: TaskDefinition(...)}`` dict. ``$ATTN_JAX_TASK_MODULES`` (comma-separated
-modules) is imported here, after the built-in tasks.
+``TASKS = {name: TaskDefinition(...)}`` dict (as every built-in module does).
+``$ATTN_JAX_TASK_MODULES`` (comma-separated modules) is imported here, after the built-in
+tasks.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ __all__ = [
     "register_tasks",
     "transformer_options",
     "unregister_task",
+    "validate_task",
 ]
 
-# The file tasks (labelled, pairs, text) registered on import (@register_task); the other
-# modules' TASKS dicts register here.
+# Every built-in module registers its TASKS dict here (the decorator is for other packages).
 for _module in (language_model, seq2seq, classification, captions, text, pairs, labelled):
     register_tasks(getattr(_module, "TASKS", {}), _module.__name__)
 

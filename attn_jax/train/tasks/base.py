@@ -29,6 +29,7 @@ __all__ = [
     "check_fields",
     "masked_cross_entropy",
     "model_fields",
+    "monitored_count",
     "monitored_subset",
     "predict_in_batches",
     "transformer_options",
@@ -184,6 +185,37 @@ def masked_cross_entropy(
     token_accuracy = (right * weights).sum() / count
     accuracy = jnp.all(right | ~valid, axis=-1).mean()
     return loss, {"loss": loss, "token_accuracy": token_accuracy, "accuracy": accuracy}
+
+
+def monitored_count(config: ml_collections.ConfigDict, available: int, what: str) -> int:
+    """How many of ``available`` evaluation examples are scored while training:
+    ``config.data.num_eval``, or for 0 as many whole batches (``config.train.batch_size``)
+    as there are (the file tasks: ``text``, ``pairs``, ``labelled``).
+
+    Args:
+      available: the examples the evaluation files give; what: their name in messages
+        (``"pairs"``, ``"whole windows of 64 tokens"``).
+
+    Raises:
+      ValueError: ``num_eval`` not an integer >= 0 or more than ``available``
+        (``config.data.num_eval: ...``), or fewer than one batch available
+        (``config.data.eval_files: ...``).
+    """
+    wanted, batch = config.data.get("num_eval", 0), config.train.batch_size
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 0:
+        raise ValueError(f"config.data.num_eval: expected an integer >= 0, got {wanted!r}")
+    if wanted > available:
+        raise ValueError(
+            f"config.data.num_eval: {wanted} asked, but config.data.eval_files give "
+            f"{available} {what}"
+        )
+    count = wanted or available // batch * batch
+    if not count:
+        raise ValueError(
+            f"config.data.eval_files: {available} {what}, fewer than one batch "
+            f"(config.train.batch_size={batch})"
+        )
+    return count
 
 
 def monitored_subset(count: int, size: int, seed: int) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 ``digit_captions``: strips of 3-6 scikit-learn digits side by side, captioned with their
 English words (:mod:`attn_jax.data.digit_strips`); train strips from the digits' train
-images with 3-5 digits, test strips from its test images with 3-6. Models
+images with 3-5 digits, test strips from its test images with 3-6, and
+``config.data.num_eval`` validation strips (3-5 digits) from the share
+``config.data.valid_fraction`` of the train images that the train strips do not use. Models
 (``config.model.name``), both reading the strip as patches
 (:class:`~attn_jax.models.PatchEmbedder`, ``config.model.patch_size``):
 
@@ -13,8 +15,9 @@ images with 3-5 digits, test strips from its test images with 3-6. Models
   tell": ``config.model.encoder_cell="none"``, optional 3x3 convolutions
   ``config.model.conv_channels`` before the patches).
 
-Training is teacher-forced (``"accuracy"``: every word of a caption right, on the first
-``config.data.num_eval`` test strips; there is no validation split). The final evaluation
+Training is teacher-forced and monitored on the validation strips (``"accuracy"``: every
+word of a caption right; it picks the best checkpoint), so the test strips stay unseen
+until the final evaluation, which scores the last parameters. The final evaluation
 decodes every test strip greedily and with beam search (``config.data.beam_size``,
 ``config.data.beam_alpha``) through :func:`attn_jax.decode.translate` and reports
 :func:`caption_metrics`: greedy at the top level, beam search under ``"beam"``. The
@@ -27,7 +30,6 @@ matrices (:func:`attn_jax.viz.save_attention`).
 from __future__ import annotations
 
 import pathlib
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,21 +38,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from attn_jax import decode, kernels, models, viz
+from attn_jax import models, viz
 from attn_jax.data import digit_strips
 from attn_jax.data.batching import ArrayDataset
-from attn_jax.data.vocab import BOS, EOS, PAD, pad_sequences
+from attn_jax.data.vocab import PAD, pad_sequences
 from attn_jax.models.patches import PATCH_POSITIONS, patch_grid
-from attn_jax.train.tasks.base import (
-    Task,
-    TaskDefinition,
-    masked_cross_entropy,
-    model_fields,
-    predict_in_batches,
-    transformer_options,
+from attn_jax.train.tasks.base import Task, TaskDefinition, model_fields, transformer_options
+from attn_jax.train.tasks.plots import plot_layers
+from attn_jax.train.tasks.seq2seq import (
+    attention_rows,
+    bleu,
+    check_init,
+    check_rnn_attention,
+    kernel_name,
+    loss_fn_for,
+    plotted_model,
+    translate_in_batches,
 )
-from attn_jax.train.tasks.plots import plot_layers, sowed_attention, weights_model
-from attn_jax.train.tasks.seq2seq import bleu
 
 __all__ = ["TASKS", "caption_metrics", "strip_arrays", "word_accuracy"]
 
@@ -147,14 +151,10 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
             "config.data.min_digits / max_train_digits / max_test_digits: expected "
             f"min <= max_train <= max_test, got {low}, {train_high}, {test_high}"
         )
-    if config.data.num_eval > config.data.num_test:
-        raise ValueError(
-            f"config.data.num_eval: {config.data.num_eval} exceeds config.data.num_test "
-            f"({config.data.num_test})"
-        )
-    fraction = config.data.test_fraction
-    if not isinstance(fraction, float) or not 0 < fraction < 1:
-        raise ValueError(f"config.data.test_fraction: expected a float in (0, 1), got {fraction!r}")
+    for key in ("test_fraction", "valid_fraction"):
+        fraction = config.data[key]
+        if not isinstance(fraction, float) or not 0 < fraction < 1:
+            raise ValueError(f"config.data.{key}: expected a float in (0, 1), got {fraction!r}")
 
 
 def _tgt_len(config: ml_collections.ConfigDict) -> int:
@@ -175,11 +175,17 @@ def _strips(config: ml_collections.ConfigDict) -> dict[str, digit_strips.DigitSt
         test_lengths=(data.min_digits, data.max_test_digits),
         seed=config.seed,
         test_fraction=data.test_fraction,
+        num_valid=data.num_eval,
+        valid_fraction=data.valid_fraction,
     )
 
 
-def _source(config: ml_collections.ConfigDict, features: int, dtype, param_dtype):
-    """The :class:`PatchEmbedder` of ``config.model`` (errors name the key)."""
+def _source(
+    config: ml_collections.ConfigDict, features: int, dtype, param_dtype, *, unordered: str
+):
+    """The :class:`PatchEmbedder` of ``config.model`` (errors name the key); ``unordered``:
+    why the encoder has no positions of its own (empty if it has: RoPE, a recurrent
+    encoder), which makes ``patch_positions="none"`` an error."""
     patch = config.model.get("patch_size", 4)
     if not isinstance(patch, int) or isinstance(patch, bool) or patch < 1 or 8 % patch:
         raise ValueError(f"config.model.patch_size: expected 1, 2, 4 or 8, got {patch!r}")
@@ -192,6 +198,11 @@ def _source(config: ml_collections.ConfigDict, features: int, dtype, param_dtype
     if positions not in PATCH_POSITIONS:
         raise ValueError(
             f"config.model.patch_positions: expected one of {PATCH_POSITIONS}, got {positions!r}"
+        )
+    if positions == "none" and unordered:
+        raise ValueError(
+            f"config.model.patch_positions: 'none' leaves the encoder without positions "
+            f"({unordered}): use 'learned' or 'sinusoidal'"
         )
     return models.PatchEmbedder(
         features,
@@ -209,15 +220,18 @@ def _model(config: ml_collections.ConfigDict):
     tgt_len = _tgt_len(config)
     if name == "encoder_decoder":
         options = transformer_options(config.model, tgt_len, extra=PATCH_KEYS)
-        source = _source(config, options.width, options.dtype, options.param_dtype)
+        unordered = (
+            ""
+            if options.positions == "rope"
+            else f"config.model.positions={options.positions!r} positions the decoder's "
+            "words, not the patches; only 'rope' does both"
+        )
+        source = _source(
+            config, options.width, options.dtype, options.param_dtype, unordered=unordered
+        )
         return models.EncoderDecoder(0, vocab_size, options, pad_id=PAD, source=source)
     if name == "seq2seq_rnn":
-        attention = config.model.get("attention", "additive")
-        if attention in kernels.available() and not kernels.capabilities(attention).weights:
-            raise ValueError(
-                f"config.model.attention: {attention!r} returns no attention weights, which "
-                "the RNN decoder records; use additive, multiplicative, dot_product or none"
-            )
+        check_rnn_attention(config)
         rnn_keys = {k: v for k, v in config.model.items() if k not in PATCH_KEYS}
         fields = model_fields(
             ml_collections.ConfigDict(rnn_keys),
@@ -226,54 +240,16 @@ def _model(config: ml_collections.ConfigDict):
         )
         embed_dim = fields.get("embed_dim", 64)
         dtypes = {k: fields.get(k, jnp.float32) for k in ("dtype", "param_dtype")}
-        source = _source(config, embed_dim, **dtypes)
+        unordered = ""
+        if fields.get("encoder_cell", "lstm") == "none":
+            unordered = "config.model.encoder_cell='none': no recurrent encoder reads them in order"
+        source = _source(config, embed_dim, **dtypes, unordered=unordered)
         model = models.Seq2SeqRNN(0, vocab_size, pad_id=PAD, source=source, **fields)
-        try:  # the RNN checks its attributes in setup(): surface them with config keys
-            jax.eval_shape(
-                model.init,
-                jax.random.key(0),
-                jnp.zeros((1, *_canvas(config)), jnp.float32),
-                jnp.ones((1, tgt_len), jnp.int32),
-            )
-        except ValueError as error:
-            message = re.sub(r"(Seq2SeqRNN|PatchEmbedder): '(\w+)'", r"config.model.\2", str(error))
-            raise ValueError(message) from None
-        return model
+        return check_init(model, jax.ShapeDtypeStruct((1, *_canvas(config)), jnp.float32), tgt_len)
     raise ValueError(f"config.model.name: expected one of {MODELS}, got {name!r}")
 
 
-def _loss_fn(model):
-    def loss_fn(params, batch, rng, deterministic):
-        if isinstance(model, models.Seq2SeqRNN):  # no dropout
-            logits = model.apply({"params": params}, batch["src"], batch["tgt_in"])
-        else:
-            logits = model.apply(
-                {"params": params},
-                batch["src"],
-                batch["tgt_in"],
-                deterministic=deterministic,
-                rngs={"dropout": rng},
-            )
-        return masked_cross_entropy(logits, batch["tgt_out"], batch["tgt_out"] != PAD)
-
-    return loss_fn
-
-
 # --- Final evaluation and pictures --------------------------------------------------------
-
-
-def _decode(
-    model, params, images: np.ndarray, tgt_len: int, batch_size: int, **options
-) -> np.ndarray:
-    """``images [n, 8, width]`` -> ``[n, tgt_len]`` word ids, decoded ``batch_size`` at a
-    time (``options``: of :func:`~attn_jax.decode.translate`)."""
-    return predict_in_batches(
-        lambda src: decode.translate(
-            model, params, src, max_len=tgt_len, bos_id=BOS, eos_id=EOS, pad_id=PAD, **options
-        ),
-        (images,),
-        batch_size=batch_size,
-    )
 
 
 def _batch_size(test: digit_strips.DigitStrips) -> int:
@@ -289,8 +265,14 @@ def _final_eval(model, test: digit_strips.DigitStrips, config: ml_collections.Co
     def final_eval(params) -> dict[str, Any]:
         results = {}
         for method, options in (("greedy", {}), ("beam", beam)):
-            outputs = _decode(
-                model, params, test.images, tgt_len, _batch_size(test), method=method, **options
+            outputs = translate_in_batches(
+                model,
+                params,
+                test.images,
+                tgt_len,
+                batch_size=_batch_size(test),
+                method=method,
+                **options,
             )
             hypotheses = [vocab.decode(row) for row in outputs]
             results[method] = caption_metrics(hypotheses, references, test.lengths)
@@ -314,21 +296,16 @@ def _plot(model, test: digit_strips.DigitStrips, config: ml_collections.ConfigDi
     patch_labels = [f"r{r}c{c}" for r in range(grid[0]) for c in range(grid[1])]
 
     def plot(params, directory: pathlib.Path) -> list[pathlib.Path]:
-        plotted = weights_model(model)
-        if plotted is None or getattr(model, "attention", "") == "none":
+        plotted = plotted_model(model)
+        if plotted is None:
             return []
-        outputs = _decode(model, params, images, tgt_len, _batch_size(test))
+        outputs = translate_in_batches(model, params, images, tgt_len, batch_size=_batch_size(test))
         paths = []
         for i, index in enumerate(chosen):
             output = vocab.decode(outputs[i])
-            # Row t is the step that emitted output word t (and then <eos>, if emitted).
-            rows = [*output, "<eos>"] if len(output) < tgt_len else output
-            tgt_in = np.asarray([vocab.encode(rows[:-1], bos=True)], np.int32)
-            layers = sowed_attention(plotted, params, images[i : i + 1], tgt_in)
-            if isinstance(model, models.EncoderDecoder):
-                layers = {k: v for k, v in layers.items() if k.endswith("cross_attention")}
-            else:
-                layers = {"alignment": layers[""]}
+            rows, layers = attention_rows(
+                model, plotted, params, images[i : i + 1], output, vocab, tgt_len
+            )
             truth = test.captions()[index]
             verdict = "correct" if output == truth else f"wrong, truth: {' '.join(truth)}"
             heading = f"{title}, {len(truth)} digits ({verdict})"
@@ -367,22 +344,17 @@ def _build(config: ml_collections.ConfigDict) -> Task:
     strips = _strips(config)
     tgt_len = _tgt_len(config)
     test = strips["test"]
-    test_arrays = strip_arrays(test, tgt_len)
-    kernel = getattr(model, "attention", None) or model.options.attention
     name = "ViT + Transformer decoder" if isinstance(model, models.EncoderDecoder) else "LSTM"
     rows, cols = patch_grid(*_canvas(config), model.source.patch_size)
     return Task(
         model=model,
         train=ArrayDataset(strip_arrays(strips["train"], tgt_len), seed=config.seed),
-        # No validation split: training is monitored on the first test strips.
-        eval=ArrayDataset(
-            {k: v[: config.data.num_eval] for k, v in test_arrays.items()}, seed=config.seed + 1
-        ),
-        loss_fn=_loss_fn(model),
+        eval=ArrayDataset(strip_arrays(strips["valid"], tgt_len), seed=config.seed + 1),
+        loss_fn=loss_fn_for(model),
         model_inputs=lambda batch: (batch["src"], batch["tgt_in"]),
         tokens_per_example=rows * cols + tgt_len,
         final_eval=_final_eval(model, test, config),
-        plot_examples=_plot(model, test, config, f"{name} ({kernel})"),
+        plot_examples=_plot(model, test, config, f"{name} ({kernel_name(model)})"),
     )
 
 

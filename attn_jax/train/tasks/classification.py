@@ -3,7 +3,11 @@
 Models (``config.model.name``): ``"encoder"`` (:class:`~attn_jax.models.TransformerEncoder`
 over tokens: ListOps expressions, or a digit's 64 pixels in raster order) and ``"vit"``
 (:class:`~attn_jax.models.VisionTransformer` over digit images). ``"accuracy"`` is the
-fraction of examples classified right; the final evaluation covers the whole test split.
+fraction of examples classified right; the final evaluation covers the whole test split:
+``accuracy``, ``count``, ``per_class`` and ``majority_class``, the accuracy of always
+answering the test split's most frequent label (a baseline that reads the test labels).
+
+``labelled`` reuses :func:`make_encoder`, :func:`make_task` and :func:`with_cls`.
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ from attn_jax.train.tasks.base import (
 )
 from attn_jax.train.tasks.plots import plot_layers, sowed_attention, weights_model
 
-__all__ = ["TASKS"]
+__all__ = ["TASKS", "loss_fn_for", "make_encoder", "make_task", "with_cls"]
 
 Arrays = dict[str, np.ndarray]
 
 
-def _loss_fn(model) -> Callable:
+def loss_fn_for(model) -> Callable:
+    """Cross-entropy of ``batch["labels"] [batch]`` given ``batch["inputs"]``:
+    ``(params, batch, rng, deterministic) -> (loss, {"loss", "accuracy"})``."""
+
     def loss_fn(params, batch, rng, deterministic):
         logits = model.apply(
             {"params": params}, batch["inputs"], deterministic=deterministic, rngs={"dropout": rng}
@@ -61,7 +68,7 @@ def _final_eval(model, test: Arrays) -> Callable[[Any], dict[str, Any]]:
         return {
             "accuracy": float(right.mean()),
             "count": len(right),
-            "majority_class": majority,  # always answering the most frequent label
+            "majority_class": majority,  # always answering the most frequent test label
             "per_class": per_class,
         }
 
@@ -90,28 +97,39 @@ def _plot(model, example: np.ndarray, labels: list[str], title: str):
     return plot
 
 
-def _task(
+def make_task(
     config: ml_collections.ConfigDict,
     model,
     train: Arrays,
     eval_: Arrays,
     test: Arrays,
     labels: list[str],
+    *,
+    final_eval: Callable[[Any], dict[str, Any]] | None = None,
+    title: str | None = None,
 ) -> Task:
+    """A classification :class:`Task`: ``train`` / ``eval_`` / ``test`` are ``{"inputs",
+    "labels"}`` arrays (``eval_`` scored while training, picking the best checkpoint).
+
+    Args:
+      labels: the axis labels of the attention plot of ``test``'s first example (its
+        tokens as the model sees them: :func:`with_cls`).
+      final_eval: ``params -> metrics``; default: accuracy, per class and the majority
+        baseline on ``test``.
+      title: the plot's title; default ``"{data.name} ({attention}), label {id}:"``.
+    """
+    if title is None:
+        attention = model.options.attention
+        title = f"{config.data.name} ({attention}), label {int(test['labels'][0])}:"
     return Task(
         model=model,
         train=ArrayDataset(train, seed=config.seed),
         eval=ArrayDataset(eval_, seed=config.seed + 1),
-        loss_fn=_loss_fn(model),
+        loss_fn=loss_fn_for(model),
         model_inputs=lambda batch: (batch["inputs"],),
         tokens_per_example=int(np.prod(train["inputs"].shape[1:3])),
-        final_eval=_final_eval(model, test),
-        plot_examples=_plot(
-            model,
-            test["inputs"][:1],
-            labels,
-            f"{config.data.name} ({model.options.attention}), label {int(test['labels'][0])}:",
-        ),
+        final_eval=_final_eval(model, test) if final_eval is None else final_eval,
+        plot_examples=_plot(model, test["inputs"][:1], labels, title),
     )
 
 
@@ -122,7 +140,11 @@ def _check_sizes(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> No
             raise ValueError(f"config.data.{key}: expected a positive integer, got {value!r}")
 
 
-def _encoder(config: ml_collections.ConfigDict, vocab_size: int, num_classes: int, length: int):
+def make_encoder(
+    config: ml_collections.ConfigDict, vocab_size: int, num_classes: int, length: int
+) -> models.TransformerEncoder:
+    """The :class:`~attn_jax.models.TransformerEncoder` classifier of ``config.model``
+    (``pooling``: ``"cls"`` or ``"mean"``) over ``length`` tokens (errors name the key)."""
     pooling = config.model.get("pooling", "cls")
     if pooling not in POOLINGS[:-1]:
         raise ValueError(f"config.model.pooling: expected one of {POOLINGS[:-1]}, got {pooling!r}")
@@ -130,7 +152,7 @@ def _encoder(config: ml_collections.ConfigDict, vocab_size: int, num_classes: in
     return models.TransformerEncoder(vocab_size, num_classes, options, pooling=pooling)
 
 
-def _with_cls(model, labels: list[str]) -> list[str]:
+def with_cls(model, labels: list[str]) -> list[str]:
     """Token labels as the encoder sees them (a prepended CLS token with ``pooling="cls"``)."""
     return ["[CLS]", *labels] if getattr(model, "pooling", "cls") == "cls" else labels
 
@@ -160,7 +182,7 @@ def _listops_model(config: ml_collections.ConfigDict):
     spec = _listops_spec(config)
     if config.model.get("name") != "encoder":
         raise ValueError(f"config.model.name: ListOps expects 'encoder', got {config.model.name!r}")
-    return _encoder(config, len(listops.vocabulary()), 10, spec.max_length)
+    return make_encoder(config, len(listops.vocabulary()), 10, spec.max_length)
 
 
 def _build_listops(config: ml_collections.ConfigDict) -> Task:
@@ -179,13 +201,13 @@ def _build_listops(config: ml_collections.ConfigDict) -> Task:
     test = arrays(data.num_test, config.seed + 2)
     vocab = listops.vocabulary()
     length = int((test["inputs"][0] != 0).sum())
-    return _task(
+    return make_task(
         config,
         model,
         arrays(data.num_train, config.seed),
         {k: v[: data.num_eval] for k, v in valid.items()},
         test,
-        _with_cls(model, vocab.decode(test["inputs"][0][:length])),
+        with_cls(model, vocab.decode(test["inputs"][0][:length])),
     )
 
 
@@ -205,7 +227,7 @@ def _digits_model(config: ml_collections.ConfigDict):
         options = transformer_options(config.model, patches + 1, extra=("patch_size", "pooling"))
         return models.VisionTransformer(digits.NUM_CLASSES, patch, options, pooling=pooling)
     if name == "encoder":
-        return _encoder(config, digits.PIXEL_VOCAB_SIZE, digits.NUM_CLASSES, 64)
+        return make_encoder(config, digits.PIXEL_VOCAB_SIZE, digits.NUM_CLASSES, 64)
     raise ValueError(f"config.model.name: digits expects 'vit' or 'encoder', got {name!r}")
 
 
@@ -233,10 +255,10 @@ def _build_digits(config: ml_collections.ConfigDict) -> Task:
     else:
         train_inputs = digits.pixel_tokens(split.train_images)
         test_inputs = digits.pixel_tokens(split.test_images)
-        labels = _with_cls(model, [str(int(t) - digits.PIXEL_OFFSET) for t in test_inputs[0]])
+        labels = with_cls(model, [str(int(t) - digits.PIXEL_OFFSET) for t in test_inputs[0]])
     test = {"inputs": test_inputs, "labels": split.test_labels}
     # Digits has no validation split: training is monitored on part of the test split.
-    return _task(
+    return make_task(
         config,
         model,
         {"inputs": train_inputs, "labels": split.train_labels},

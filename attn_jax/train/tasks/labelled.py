@@ -6,16 +6,19 @@ separated by commas; formats in :mod:`attn_jax.data.user_formats`), ``tokenize``
 comma-separated string; empty: the sorted labels of the training files), ``max_len``
 (tokens kept per text, the rest cut off; 0: the longest text), ``num_eval`` (evaluation
 examples scored while training, a fixed random subset, a multiple of the batch size; 0: as
-many whole batches as the evaluation files give). An evaluation label outside the classes
-is an error (as is a training label outside ``labels`` when given); evaluation tokens not
-in the training files become ``<unk>``.
+many whole batches as the evaluation files give; they come from the evaluation files, so
+the "best" checkpoint is chosen on them, while the final evaluation scores the last
+parameters). An evaluation label outside the classes is an error (as is a training label
+outside ``labels`` when given); evaluation tokens not in the training files become
+``<unk>``.
 
 The model is the :class:`~attn_jax.models.TransformerEncoder` classifier of ListOps
 (``config.model.name = "encoder"``, ``config.model.pooling``). The final evaluation
-covers every evaluation example: ``accuracy``, ``count``, ``majority_class`` (the accuracy
-of always answering the most frequent training label), ``per_class`` (accuracy per label
-present in the evaluation files), ``class_counts`` and ``confusion``
-(``{true label: {predicted label: count}}``).
+covers every evaluation example: ``accuracy``, ``count``, ``majority_train_class`` (the
+accuracy of always answering the most frequent *training* label: a baseline that does not
+read the evaluation labels, unlike the ``majority_class`` of ``digits`` and ``listops``),
+``per_class`` (accuracy per label present in the evaluation files), ``class_counts`` and
+``confusion`` (``{true label: {predicted label: count}}``); all three in class order.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import re
 from typing import Any
 
 import jax
@@ -35,45 +39,57 @@ from attn_jax.data.user_files import (
     DataFileError,
     build_vocabulary,
     file_list,
-    resolve_files,
+    split_files,
     with_unknown,
 )
 from attn_jax.data.user_formats import Labelled, read_labelled
 from attn_jax.data.vocab import pad_sequences
 from attn_jax.train.tasks import classification
-from attn_jax.train.tasks.base import Task, check_fields, monitored_subset, predict_in_batches
-from attn_jax.train.tasks.registry import register_task
+from attn_jax.train.tasks.base import (
+    Task,
+    TaskDefinition,
+    check_fields,
+    monitored_count,
+    monitored_subset,
+    predict_in_batches,
+)
 
-__all__ = ["FIELDS", "class_metrics", "label_order"]
+__all__ = ["FIELDS", "TASKS", "class_metrics", "label_order"]
 
 FIELDS = ("name", "train_files", "eval_files", "tokenize", "labels", "max_len", "num_eval")
 Arrays = dict[str, np.ndarray]
 
 
+def _integer(label: str) -> bool:
+    return re.fullmatch(r"-?[0-9]+", label) is not None
+
+
 def label_order(labels: set[str]) -> list[str]:
-    """Integers in numeric order, then the other labels in string order."""
-    numeric = sorted((s for s in labels if s.lstrip("-").isdigit()), key=int)
-    return numeric + sorted(s for s in labels if not s.lstrip("-").isdigit())
+    """Integers (``-?[0-9]+``) in numeric order, then the other labels in string order."""
+    numeric = sorted((s for s in labels if _integer(s)), key=lambda s: (int(s), s))
+    return numeric + sorted(s for s in labels if not _integer(s))
 
 
 def class_metrics(
     predictions: np.ndarray, labels: np.ndarray, names: list[str], majority: int
 ) -> dict[str, Any]:
     """Accuracy overall and per class of ``predictions`` vs ``labels`` (``[n]`` class ids
-    into ``names``); ``majority``: the id whose constant answer is the baseline."""
+    into ``names``); ``majority``: the id of the most frequent training label, whose
+    constant answer is the baseline ``majority_train_class``. The per-class entries and
+    the confusion matrix (``{true: {predicted: count}}``) are in class-id order."""
     right = predictions == labels
     present = [c for c in range(len(names)) if (labels == c).any()]
-    confusion = collections.defaultdict(dict)
     pairs = collections.Counter(zip(labels.tolist(), predictions.tolist(), strict=True))
-    for (true, predicted), count in pairs.items():
-        confusion[names[true]][names[predicted]] = count
+    confusion: dict[str, dict[str, int]] = {}
+    for true, predicted in sorted(pairs):
+        confusion.setdefault(names[true], {})[names[predicted]] = pairs[true, predicted]
     return {
         "accuracy": float(right.mean()),
         "count": len(right),
-        "majority_class": float((labels == majority).mean()),
+        "majority_train_class": float((labels == majority).mean()),
         "per_class": {names[c]: float(right[labels == c].mean()) for c in present},
         "class_counts": {names[c]: int((labels == c).sum()) for c in present},
-        "confusion": {t: dict(sorted(p.items())) for t, p in sorted(confusion.items())},
+        "confusion": confusion,
     }
 
 
@@ -115,10 +131,10 @@ def _read(config: ml_collections.ConfigDict) -> _Data:
     max_len = data.get("max_len", 0)
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0:
         raise ValueError(f"config.data.max_len: expected an integer >= 0, got {max_len!r}")
-    read = {}
-    for split in ("train", "eval"):
-        key = f"config.data.{split}_files"
-        read[split] = read_labelled(resolve_files(data.get(f"{split}_files"), key), key, mode)
+    read = {
+        split: read_labelled(files, f"config.data.{split}_files", mode)
+        for split, files in split_files(data).items()
+    }
     names = _classes(config, read["train"])
     if data.get("labels", ""):
         _check_labels(read["train"], names, "config.data.train_files", "config.data.labels")
@@ -137,20 +153,8 @@ def _read(config: ml_collections.ConfigDict) -> _Data:
             unknown += unseen
         labels = np.asarray([names.index(e.label) for e in examples], np.int32)
         arrays[split] = {"inputs": pad_sequences(rows, length), "labels": labels}
-    num_eval, batch, count = data.get("num_eval", 0), config.train.batch_size, len(read["eval"])
-    if not isinstance(num_eval, int) or isinstance(num_eval, bool) or num_eval < 0:
-        raise ValueError(f"config.data.num_eval: expected an integer >= 0, got {num_eval!r}")
-    if num_eval > count:
-        raise ValueError(
-            f"config.data.num_eval: {num_eval} examples asked, but config.data.eval_files "
-            f"hold {count}"
-        )
-    num_eval = num_eval or count // batch * batch
-    if not num_eval:
-        raise ValueError(
-            f"config.data.eval_files: {count} examples, fewer than one batch "
-            f"(config.train.batch_size={batch})"
-        )
+    count = len(read["eval"])
+    num_eval = monitored_count(config, count, "examples")
     monitored = monitored_subset(count, num_eval, config.seed)
     return _Data(arrays["train"], arrays["eval"], monitored, names, vocab, unknown)
 
@@ -160,7 +164,7 @@ def _model(config: ml_collections.ConfigDict, data: _Data):
         name = config.model.get("name")
         raise ValueError(f"config.model.name: labelled expects 'encoder', got {name!r}")
     length = data.train["inputs"].shape[1]
-    return classification._encoder(config, len(data.vocab), len(data.names), length)
+    return classification.make_encoder(config, len(data.vocab), len(data.names), length)
 
 
 def _final_eval(model, data: _Data):
@@ -180,18 +184,21 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     _model(config, _read(config))
 
 
-@register_task("labelled", validate=_validate)
 def _build(config: ml_collections.ConfigDict) -> Task:
     data = _read(config)
     model = _model(config, data)
-    example = data.eval["inputs"][0]
-    tokens = data.vocab.decode(example)
-    task = classification._task(
+    tokens = data.vocab.decode(data.eval["inputs"][0])  # the example plotted
+    label = data.names[int(data.eval["labels"][0])]
+    return classification.make_task(
         config,
         model,
         data.train,
         {k: v[data.monitored] for k, v in data.eval.items()},
         data.eval,
-        classification._with_cls(model, tokens),
+        classification.with_cls(model, tokens),
+        final_eval=_final_eval(model, data),
+        title=f"labelled ({model.options.attention}), label {label}:",
     )
-    return dataclasses.replace(task, final_eval=_final_eval(model, data))
+
+
+TASKS = {"labelled": TaskDefinition(_build, _validate)}

@@ -7,6 +7,10 @@ teacher-forced; ``"accuracy"`` during training is the fraction of sequences whos
 target token is predicted right under teacher forcing (``"token_accuracy"`` per token). The
 final evaluation greedily decodes the whole test split and reports exact match (and BLEU by
 sacrebleu for number translation), overall and by length bucket.
+
+Other tasks reuse the pieces: :class:`Seq2SeqData`, :func:`make_model`, :func:`make_task`
+(``pairs``), :func:`loss_fn_for`, :func:`translate_in_batches`, :func:`check_init` and
+:func:`plotted_model` and :func:`attention_rows` (``digit_captions``).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,6 +32,7 @@ from attn_jax.data import numbers, scan
 from attn_jax.data.batching import ArrayDataset
 from attn_jax.data.vocab import BOS, EOS, PAD, Vocabulary, pad_sequences
 from attn_jax.train.tasks.base import (
+    LossFn,
     Task,
     TaskDefinition,
     masked_cross_entropy,
@@ -36,7 +42,22 @@ from attn_jax.train.tasks.base import (
 )
 from attn_jax.train.tasks.plots import plot_layers, sowed_attention, weights_model
 
-__all__ = ["TASKS", "bleu", "bucket_metrics", "encode_pairs"]
+__all__ = [
+    "TASKS",
+    "Seq2SeqData",
+    "attention_rows",
+    "bleu",
+    "bucket_metrics",
+    "check_init",
+    "check_rnn_attention",
+    "encode_pairs",
+    "kernel_name",
+    "loss_fn_for",
+    "make_model",
+    "make_task",
+    "plotted_model",
+    "translate_in_batches",
+]
 
 Pair = tuple[Sequence[str], Sequence[str]]
 MODELS = ("seq2seq_rnn", "encoder_decoder")
@@ -44,9 +65,10 @@ NUM_PLOTTED = 2
 
 
 @dataclasses.dataclass
-class _Data:
-    """A seq2seq task's token pairs: ``train``, ``eval`` (monitoring, ``num_eval`` pairs)
-    and ``test`` (the final evaluation)."""
+class Seq2SeqData:
+    """A seq2seq task's token pairs: ``train``, ``eval`` (scored teacher-forced while
+    training, which picks the best checkpoint) and ``test`` (the final evaluation), and
+    the vocabularies; ``with_bleu``: the default final evaluation reports BLEU too."""
 
     train: list[Pair]
     eval: list[Pair]
@@ -142,53 +164,70 @@ def bucket_metrics(
 # --- Models -------------------------------------------------------------------------------
 
 
-def _model(config: ml_collections.ConfigDict, data: _Data):
+def check_rnn_attention(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` naming ``config.model.attention`` for a registered kernel that
+    returns no attention weights (the RNN decoder records them at every step)."""
+    attention = config.model.get("attention", "additive")
+    if attention in kernels.available() and not kernels.capabilities(attention).weights:
+        raise ValueError(
+            f"config.model.attention: {attention!r} returns no attention weights, which "
+            "the RNN decoder records; use additive, multiplicative, dot_product or none"
+        )
+
+
+def check_init(model: nn.Module, src: jax.ShapeDtypeStruct, tgt_len: int) -> nn.Module:
+    """``model`` after an abstract ``init`` (``jax.eval_shape``: no computation) on ``src``
+    and ``[1, tgt_len]`` targets, so that the attribute checks modules make in ``setup()``
+    surface before training: ``ValueError("Seq2SeqRNN: 'hidden_dim' ...")`` (or
+    ``PatchEmbedder``'s) is raised as ``config.model.hidden_dim ...``."""
+    try:
+        jax.eval_shape(model.init, jax.random.key(0), src, jnp.ones((1, tgt_len), jnp.int32))
+    except ValueError as error:
+        message = re.sub(r"(Seq2SeqRNN|PatchEmbedder): '(\w+)'", r"config.model.\2", str(error))
+        raise ValueError(message) from None
+    return model
+
+
+def make_model(config: ml_collections.ConfigDict, data: Seq2SeqData) -> nn.Module:
+    """The model ``config.model.name`` for token pairs (``"seq2seq_rnn"`` or
+    ``"encoder_decoder"``), checked: errors name the ``config.model`` key."""
     name = config.model.get("name")
     src_len, tgt_len = data.lengths()
     if name == "seq2seq_rnn":
-        attention = config.model.get("attention", "additive")
-        if attention in kernels.available() and not kernels.capabilities(attention).weights:
-            raise ValueError(
-                f"config.model.attention: {attention!r} returns no attention weights, which "
-                "the RNN decoder records; use additive, multiplicative, dot_product or none"
-            )
+        check_rnn_attention(config)
         fields = model_fields(
             config.model, models.Seq2SeqRNN, exclude=("src_vocab_size", "tgt_vocab_size")
         )
         model = models.Seq2SeqRNN(len(data.src_vocab), len(data.tgt_vocab), pad_id=PAD, **fields)
-        # The RNN checks its attributes in setup(): surface those errors with config keys.
-        try:
-            jax.eval_shape(
-                model.init,
-                jax.random.key(0),
-                jnp.ones((1, src_len), jnp.int32),
-                jnp.ones((1, tgt_len), jnp.int32),
-            )
-        except ValueError as error:
-            message = re.sub(r"Seq2SeqRNN: '(\w+)'", r"config.model.\1", str(error))
-            raise ValueError(message) from None
-        return model
+        return check_init(model, jax.ShapeDtypeStruct((1, src_len), jnp.int32), tgt_len)
     if name == "encoder_decoder":
         options = transformer_options(config.model, max(src_len, tgt_len))
         return models.EncoderDecoder(len(data.src_vocab), len(data.tgt_vocab), options, pad_id=PAD)
     raise ValueError(f"config.model.name: expected one of {MODELS}, got {name!r}")
 
 
-def _logits(model, params, batch, rng, deterministic) -> jax.Array:
-    if isinstance(model, models.Seq2SeqRNN):  # no dropout
-        return model.apply({"params": params}, batch["src"], batch["tgt_in"])
-    return model.apply(
-        {"params": params},
-        batch["src"],
-        batch["tgt_in"],
-        deterministic=deterministic,
-        rngs={"dropout": rng},
-    )
+def kernel_name(model: nn.Module) -> str:
+    """The attention a seq2seq model uses (the RNN's ``attention``, else the options')."""
+    return getattr(model, "attention", None) or model.options.attention
 
 
-def _loss_fn(model):
+def loss_fn_for(model: nn.Module) -> LossFn:
+    """Teacher-forced cross-entropy of ``batch["tgt_out"]`` (``<pad>``: no loss) given
+    ``batch["src"]`` and ``batch["tgt_in"]``: ``(params, batch, rng, deterministic) ->
+    (loss, {"loss", "token_accuracy", "accuracy"})`` (:func:`masked_cross_entropy`;
+    dropout only in the Transformer)."""
+
     def loss_fn(params, batch, rng, deterministic):
-        logits = _logits(model, params, batch, rng, deterministic)
+        if isinstance(model, models.Seq2SeqRNN):  # no dropout
+            logits = model.apply({"params": params}, batch["src"], batch["tgt_in"])
+        else:
+            logits = model.apply(
+                {"params": params},
+                batch["src"],
+                batch["tgt_in"],
+                deterministic=deterministic,
+                rngs={"dropout": rng},
+            )
         return masked_cross_entropy(logits, batch["tgt_out"], batch["tgt_out"] != PAD)
 
     return loss_fn
@@ -197,24 +236,74 @@ def _loss_fn(model):
 # --- Final evaluation and plots -----------------------------------------------------------
 
 
-def _greedy(model, params, src: np.ndarray, max_len: int) -> np.ndarray:
-    """Greedy decoding of ``src [n, src_len]`` -> ``[n, max_len]`` target ids."""
+def translate_in_batches(
+    model: nn.Module,
+    params: Any,
+    src: np.ndarray,
+    max_len: int,
+    *,
+    batch_size: int = 256,
+    **options: Any,
+) -> np.ndarray:
+    """Decodes ``src [n, ...]`` (token ids ``[n, src_len]``, or what the model's ``source``
+    takes) with :func:`attn_jax.decode.translate`, ``batch_size`` at a time (one compiled
+    program; ``options``: ``method="beam"``, ``beam_size``, ...; default greedy).
+
+    Returns:
+      ``[n, max_len]`` int target ids, ``<pad>`` after the first ``<eos>``.
+    """
     return predict_in_batches(
         lambda s: decode.translate(
-            model, params, s, max_len=max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD
+            model, params, s, max_len=max_len, bos_id=BOS, eos_id=EOS, pad_id=PAD, **options
         ),
         (src,),
+        batch_size=batch_size,
     )
 
 
-def _final_eval(model, data: _Data, config: ml_collections.ConfigDict):
+def plotted_model(model: nn.Module) -> nn.Module | None:
+    """``model`` with a kernel that returns its attention weights (:func:`weights_model`),
+    or ``None`` when it has none to plot (an approximate kernel, an RNN without attention)."""
+    if getattr(model, "attention", "") == "none":
+        return None
+    return weights_model(model)
+
+
+def attention_rows(
+    model: nn.Module,
+    plotted: nn.Module,
+    params: Any,
+    src: np.ndarray,
+    output: list[str],
+    tgt_vocab: Vocabulary,
+    tgt_len: int,
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The attention behind a decoded ``output`` (its tokens) of one source ``src [1, ...]``.
+
+    Args:
+      plotted: ``model`` with a kernel that returns weights (:func:`plotted_model`).
+
+    Returns:
+      ``(rows, layers)``: the output tokens and ``<eos>`` if emitted (row ``t`` is the step
+      that emitted token ``t``), and ``{name: weights [1, heads, rows, src positions]}``:
+      the decoder layers' cross-attention, or the RNN's ``"alignment"``.
+    """
+    rows = [*output, "<eos>"] if len(output) < tgt_len else output
+    tgt_in = np.asarray([tgt_vocab.encode(rows[:-1], bos=True)], np.int32)
+    layers = sowed_attention(plotted, params, src, tgt_in)
+    if isinstance(model, models.EncoderDecoder):
+        return rows, {k: v for k, v in layers.items() if k.endswith("cross_attention")}
+    return rows, {"alignment": layers[""]}
+
+
+def _final_eval(model, data: Seq2SeqData, config: ml_collections.ConfigDict):
     src_len, tgt_len = data.lengths()
     arrays = encode_pairs(data.test, data.src_vocab, data.tgt_vocab, src_len, tgt_len)
     by_source = config.data.get("bucket_by", "source") == "source"
     lengths = [len(s if by_source else t) for s, t in data.test]
 
     def final_eval(params) -> dict[str, Any]:
-        outputs = _greedy(model, params, arrays["src"], tgt_len)
+        outputs = translate_in_batches(model, params, arrays["src"], tgt_len)
         hypotheses = [data.tgt_vocab.decode(row) for row in outputs]
         references = [list(t) for _, t in data.test]
         return bucket_metrics(
@@ -228,7 +317,7 @@ def _final_eval(model, data: _Data, config: ml_collections.ConfigDict):
     return final_eval
 
 
-def _plot_seq2seq(model, data: _Data, title: str):
+def _plot_seq2seq(model, data: Seq2SeqData, title: str):
     """Alignment heatmaps (source tokens x output tokens) of a median-length and the
     longest of the first 200 test pairs, for the model's own greedy output."""
     src_len, tgt_len = data.lengths()
@@ -238,8 +327,8 @@ def _plot_seq2seq(model, data: _Data, title: str):
     arrays = encode_pairs(chosen, data.src_vocab, data.tgt_vocab, src_len, tgt_len)
 
     def plot(params, directory: pathlib.Path) -> list[pathlib.Path]:
-        plotted = weights_model(model)
-        if plotted is None or getattr(model, "attention", "") == "none":
+        plotted = plotted_model(model)
+        if plotted is None:
             return []
         outputs = np.asarray(
             decode.translate(
@@ -249,14 +338,9 @@ def _plot_seq2seq(model, data: _Data, title: str):
         paths = []
         for i, (source, reference) in enumerate(chosen):
             output = data.tgt_vocab.decode(outputs[i])
-            # Row t is the step that emitted output token t (and then <eos>, if emitted).
-            rows = [*output, "<eos>"] if len(output) < tgt_len else output
-            tgt_in = np.asarray([data.tgt_vocab.encode(rows[:-1], bos=True)], np.int32)
-            layers = sowed_attention(plotted, params, arrays["src"][i : i + 1], tgt_in)
-            if isinstance(model, models.EncoderDecoder):
-                layers = {k: v for k, v in layers.items() if k.endswith("cross_attention")}
-            else:
-                layers = {"alignment": layers[""]}
+            rows, layers = attention_rows(
+                model, plotted, params, arrays["src"][i : i + 1], output, data.tgt_vocab, tgt_len
+            )
             verdict = "correct" if output == list(reference) else "wrong"
             paths += plot_layers(
                 layers,
@@ -274,23 +358,36 @@ def _plot_seq2seq(model, data: _Data, title: str):
     return plot
 
 
-def _task(config: ml_collections.ConfigDict, data: _Data) -> Task:
-    model = _model(config, data)
+def make_task(
+    config: ml_collections.ConfigDict,
+    data: Seq2SeqData,
+    *,
+    model: nn.Module | None = None,
+    final_eval: Callable[[Any], dict[str, Any]] | None = None,
+) -> Task:
+    """The :class:`Task` of token pairs: teacher-forced training on ``data.train``, scored
+    on ``data.eval`` while training, alignment heatmaps of test pairs.
+
+    Args:
+      model: default :func:`make_model`.
+      final_eval: ``params -> metrics``; default: greedy decoding of ``data.test`` with
+        :func:`bucket_metrics` by ``config.data.length_buckets`` (and ``bucket_by``).
+    """
+    model = make_model(config, data) if model is None else model
     src_len, tgt_len = data.lengths()
 
     def arrays(pairs: list[Pair]) -> dict[str, np.ndarray]:
         return encode_pairs(pairs, data.src_vocab, data.tgt_vocab, src_len, tgt_len)
 
-    kernel = getattr(model, "attention", None) or model.options.attention
     return Task(
         model=model,
         train=ArrayDataset(arrays(data.train), seed=config.seed),
         eval=ArrayDataset(arrays(data.eval), seed=config.seed + 1),
-        loss_fn=_loss_fn(model),
+        loss_fn=loss_fn_for(model),
         model_inputs=lambda batch: (batch["src"], batch["tgt_in"]),
         tokens_per_example=src_len + tgt_len,
-        final_eval=_final_eval(model, data, config),
-        plot_examples=_plot_seq2seq(model, data, f"{config.data.name} ({kernel})"),
+        final_eval=_final_eval(model, data, config) if final_eval is None else final_eval,
+        plot_examples=_plot_seq2seq(model, data, f"{config.data.name} ({kernel_name(model)})"),
     )
 
 
@@ -309,7 +406,7 @@ def _check_common(config: ml_collections.ConfigDict) -> None:
 # --- SCAN ---------------------------------------------------------------------------------
 
 
-def _scan_data(config: ml_collections.ConfigDict) -> _Data:
+def _scan_data(config: ml_collections.ConfigDict) -> Seq2SeqData:
     _check_common(config)
     train, test = scan.make_split(config.data.split, config.seed)
     num_test = config.data.get("num_test", 0)
@@ -324,7 +421,7 @@ def _scan_data(config: ml_collections.ConfigDict) -> _Data:
         )
     pairs = scan.all_pairs()
     split = lambda items: [(c.split(), a.split()) for c, a in items]
-    return _Data(
+    return Seq2SeqData(
         train=split(train),
         eval=split(test[: config.data.num_eval]),  # SCAN has no validation split
         test=split(test[: num_test or len(test)]),
@@ -335,13 +432,13 @@ def _scan_data(config: ml_collections.ConfigDict) -> _Data:
 
 
 def _build_scan(config: ml_collections.ConfigDict) -> Task:
-    return _task(config, _scan_data(config))
+    return make_task(config, _scan_data(config))
 
 
 # --- Number translation -------------------------------------------------------------------
 
 
-def _number_data(config: ml_collections.ConfigDict) -> _Data:
+def _number_data(config: ml_collections.ConfigDict) -> Seq2SeqData:
     _check_common(config)
     data = config.data
     for key in ("num_train", "num_valid", "num_test"):
@@ -362,7 +459,7 @@ def _number_data(config: ml_collections.ConfigDict) -> _Data:
         key = str(error).replace("sizes:", "num_train + num_valid + num_test:", 1)
         raise ValueError(f"config.data.{key}") from None
     as_pairs = lambda items: [(p.source, p.target) for p in items]
-    return _Data(
+    return Seq2SeqData(
         train=as_pairs(splits["train"]),
         eval=as_pairs(splits["valid"][: data.num_eval]),
         test=as_pairs(splits["test"]),
@@ -373,12 +470,12 @@ def _number_data(config: ml_collections.ConfigDict) -> _Data:
 
 
 def _build_numbers(config: ml_collections.ConfigDict) -> Task:
-    return _task(config, _number_data(config))
+    return make_task(config, _number_data(config))
 
 
 def _validate(make_data):
     def validate(config: ml_collections.ConfigDict) -> None:
-        _model(config, make_data(config))
+        make_model(config, make_data(config))
 
     return validate
 

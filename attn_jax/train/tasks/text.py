@@ -3,8 +3,10 @@
 Config (``config.data``): ``train_files`` / ``eval_files`` (paths or globs, several
 separated by commas), ``level`` (``"byte"`` or ``"char"``), ``seq_len`` (tokens per
 training window), ``num_eval`` (evaluation windows scored while training, a multiple of
-the batch size; 0: as many whole batches of windows as the evaluation files give). The
-model is a :class:`~attn_jax.models.TransformerLM` (``config.model`` as for the other LMs).
+the batch size; 0: as many whole batches of windows as the evaluation files give; they
+are the evaluation files' first windows, so the "best" checkpoint is chosen on them, while
+the final evaluation scores the last parameters). The model is a
+:class:`~attn_jax.models.TransformerLM` (``config.model`` as for the other LMs).
 
 Metrics: ``bits_per_byte`` (or ``bits_per_char``) = the mean next-token cross-entropy in
 nats / ln 2, next-token ``accuracy`` and ``loss``; the final evaluation scores every token
@@ -32,19 +34,20 @@ from attn_jax import models
 from attn_jax.data import text_windows
 from attn_jax.data.batching import ArrayDataset
 from attn_jax.data.mqar import IGNORE
-from attn_jax.data.user_files import decode_utf8, read_bytes, resolve_files
-from attn_jax.data.vocab import SPECIALS
+from attn_jax.data.user_files import decode_utf8, read_bytes, split_files
+from attn_jax.data.vocab import BOS, SPECIALS
 from attn_jax.train.tasks.base import (
     Task,
+    TaskDefinition,
     check_fields,
     masked_cross_entropy,
+    monitored_count,
     predict_in_batches,
     transformer_options,
 )
 from attn_jax.train.tasks.plots import plot_layers, sowed_attention, weights_model
-from attn_jax.train.tasks.registry import register_task
 
-__all__ = ["FIELDS", "final_eval_fn", "loss_fn_for", "metric_name"]
+__all__ = ["FIELDS", "TASKS", "final_eval_fn", "loss_fn_for", "metric_name"]
 
 FIELDS = ("name", "train_files", "eval_files", "level", "seq_len", "num_eval")
 LN2 = math.log(2.0)
@@ -71,9 +74,9 @@ def _read(config: ml_collections.ConfigDict) -> _Text:
     if level not in text_windows.LEVELS:
         raise ValueError(f"config.data.level: expected one of {text_windows.LEVELS}, got {level!r}")
     documents = {}
-    for split in ("train", "eval"):
+    for split, files in split_files(data).items():
         key = f"config.data.{split}_files"
-        raw = [(p, read_bytes(p, key)) for p in resolve_files(data.get(f"{split}_files"), key)]
+        raw = [(p, read_bytes(p, key)) for p in files]
         documents[split] = [(p, b, decode_utf8(b, p, key)) for p, b in raw]  # checks UTF-8
     if level == "byte":
         streams = {s: text_windows.byte_stream([b for _, b, _ in d]) for s, d in documents.items()}
@@ -93,9 +96,11 @@ def _seq_len(config: ml_collections.ConfigDict, text: _Text) -> int:
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
         raise ValueError(f"config.data.seq_len: expected a positive integer, got {seq_len!r}")
     if len(text.train) < seq_len + 1:
+        files = int((text.train == BOS).sum())
         raise ValueError(
-            f"config.data.seq_len: {seq_len} tokens per window, but config.data.train_files "
-            f"hold only {len(text.train) - 1}"
+            f"config.data.seq_len: a window needs {seq_len + 1} tokens, but config.data."
+            f"train_files give {len(text.train)} ({len(text.train) - files} of text and a "
+            f"<bos> before each of the {files} file(s))"
         )
     return seq_len
 
@@ -105,21 +110,8 @@ def _eval_windows(config: ml_collections.ConfigDict, text: _Text, seq_len: int) 
     windows = text_windows.tile_windows(text.eval, seq_len)
     whole = len(text.eval) - 1 == len(windows["inputs"]) * seq_len
     available = len(windows["inputs"]) - (not whole)
-    batch, wanted = config.train.batch_size, config.data.get("num_eval", 0)
-    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 0:
-        raise ValueError(f"config.data.num_eval: expected an integer >= 0, got {wanted!r}")
-    if wanted > available:
-        raise ValueError(
-            f"config.data.num_eval: {wanted} windows asked, but config.data.eval_files give "
-            f"{available} whole windows of {seq_len} tokens"
-        )
-    wanted = wanted or available // batch * batch
-    if not wanted:
-        raise ValueError(
-            f"config.data.eval_files: {available} whole windows of {seq_len} tokens, fewer "
-            f"than one batch (config.train.batch_size={batch}); give more text or shorter "
-            "windows (config.data.seq_len)"
-        )
+    what = f"whole windows of {seq_len} tokens (config.data.seq_len)"
+    wanted = monitored_count(config, available, what)
     return {k: v[:wanted] for k, v in windows.items()}
 
 
@@ -200,7 +192,6 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     _model(config, text, seq_len)
 
 
-@register_task("text", validate=_validate)
 def _build(config: ml_collections.ConfigDict) -> Task:
     text = _read(config)
     seq_len = _seq_len(config, text)
@@ -225,3 +216,6 @@ def _build(config: ml_collections.ConfigDict) -> Task:
             f"text, {level} level ({model.options.attention})",
         ),
     )
+
+
+TASKS = {"text": TaskDefinition(_build, _validate)}
