@@ -7,6 +7,16 @@ linear in sequence length. They consume the visibility model in prefix form: val
 order (chunks: exact masked products within a chunk, a running state between chunks).
 Masks, windows and segments have no such form and are refused by their capabilities.
 
+Exponential key features (FAVOR+) come as logarithms (``key_logits=True``) and are
+exponentiated here after subtracting one shift per sequence and head: the largest valid
+log-feature, if positive (else 0), so every key feature is at most 1. A constant over keys
+and features cancels in the ratio, so outputs are exact and causal rows do not depend on
+later keys' values; it keeps ``exp``, the sums and their gradients (which divide by the
+denominator) finite. Causal passes and decoding carry the shift from chunk to chunk and
+rescale the sums when it grows, as online softmax does (within a causal chunk the shift is
+the chunk's: a key whose log-feature exceeds every earlier one's by more than ~80, far
+beyond where FAVOR+ estimates anything, underflows the chunk's earlier rows).
+
 :class:`Recurrence` is the same computation one step at a time, "Transformers are RNNs"
 (Katharopoulos et al. 2020): a state of ``S`` and ``z`` per sequence, O(1) memory in the
 sequence length and a per-token cost independent of it. Models decode with it.
@@ -31,14 +41,28 @@ FeatureMap = Callable[..., jax.Array]  # (x [..., d], *, is_query, **options) ->
 def _divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num [..., dv] / den [...]``, 0 where ``den`` is 0.
 
-    With features as small as 1e-25 (FAVOR+ keys at head_dim 64), autodiff of a plain
-    division squares ``den``, which underflows to 0 and turns gradients into NaN. Dividing
+    With small features (FAVOR+ queries far from every key), autodiff of a plain division
+    squares ``den``, which underflows to 0 and turns gradients into NaN. Dividing
     both by a constant copy of ``den`` leaves the value and the true gradient
     (``-out / den`` for ``den``) but never squares a small number.
     """
     safe = jnp.where(den > 0, den, 1.0)[..., None]
     constant = jax.lax.stop_gradient(safe)
     return (num / constant) / (safe / constant)
+
+
+def _shifted_keys(
+    logits: jax.Array, shift: jax.Array, kv: jax.Array, norm: jax.Array, batch_axes: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Key features ``exp(logits - new shift)`` from log-features ``logits [*batch, n,
+    kv_heads, f]`` (-inf: a key that does not count), the new shift ``max(shift, largest
+    entry, 0)`` (``[*batch, kv_heads]``, no gradient) and the sums ``kv`` / ``norm`` taken
+    with ``shift`` rescaled to it: ``(phi_k, kv, norm, new shift)``."""
+    largest = jnp.max(logits, axis=(batch_axes, logits.ndim - 1))
+    new = jax.lax.stop_gradient(jnp.maximum(shift, largest))
+    factor = jnp.exp(shift - new)
+    phi_k = jnp.exp(logits - new[..., None, :, None])
+    return phi_k, kv * factor[..., None, None], norm * factor[..., None], new
 
 
 def feature_attention(
@@ -49,18 +73,23 @@ def feature_attention(
     is_causal: bool,
     chunk_size: int = 64,
     precision: Sequence | None = None,
-    state: tuple[jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    state: tuple[jax.Array, ...] | None = None,
+    key_logits: bool = False,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Linear attention given non-negative features (zero for keys that must not count).
 
     Args:
       phi_q: ``[batch..., q_len, heads, features]`` query features (>= 0).
-      phi_k: ``[batch..., kv_len, kv_heads, features]`` key features (>= 0).
+      phi_k: ``[batch..., kv_len, kv_heads, features]`` key features (>= 0), or with
+        ``key_logits`` their logarithms (-inf for keys that must not count), exponentiated
+        after subtracting a shift per sequence and head: the largest log-feature so far
+        (each causal chunk takes the keys up to its end), at least 0.
       value: ``[batch..., kv_len, kv_heads, v_dim]``.
       is_causal: query ``i`` uses keys ``j <= i`` (``q_len == kv_len``).
       chunk_size: causal chunk length.
       state: ``(S [batch..., kv_heads, features, v_dim], z [batch..., kv_heads,
-        features])`` of the keys before these (recurrent use), or ``None``.
+        features])`` of the keys before these (recurrent use), with ``key_logits`` also
+        the shift they were taken with ``[batch..., kv_heads]``; or ``None``.
 
     Returns:
       ``(out [batch..., q_len, heads, v_dim] float32, state after these keys)``; rows that
@@ -76,19 +105,25 @@ def feature_attention(
             jnp.zeros((*batch_shape, kv_heads, features, value.shape[-1]), jnp.float32),
             jnp.zeros((*batch_shape, kv_heads, features), jnp.float32),
         )
+        if key_logits:
+            state = (*state, jnp.zeros((*batch_shape, kv_heads), jnp.float32))
     if not is_causal:
-        kv = state[0] + jnp.einsum("...khf,...khd->...hfd", phi_k, value, precision=precision)
-        norm = state[1] + phi_k.sum(-3)  # [..., kv_heads, features]
+        kv, norm, *shift = state
+        if key_logits:
+            phi_k, kv, norm, new = _shifted_keys(phi_k, shift[0], kv, norm, len(batch_shape))
+            shift = [new]
+        kv = kv + jnp.einsum("...khf,...khd->...hfd", phi_k, value, precision=precision)
+        norm = norm + phi_k.sum(-3)  # [..., kv_heads, features]
         num = jnp.einsum("...qhgf,...hfd->...qhgd", phi_q, kv, precision=precision)
         den = jnp.einsum("...qhgf,...hf->...qhg", phi_q, norm, precision=precision)
-        state = (kv, norm)
+        state = (kv, norm, *shift)
     else:
-        num, den, state = _causal(phi_q, phi_k, value, chunk_size, precision, state)
+        num, den, state = _causal(phi_q, phi_k, value, chunk_size, precision, state, key_logits)
     out = _divide(num, den)
     return out.reshape(*batch_shape, q_len, heads, -1), state
 
 
-def _causal(phi_q, phi_k, value, chunk_size, precision, state):
+def _causal(phi_q, phi_k, value, chunk_size, precision, state, key_logits):
     """Chunked prefix sums from ``state``: ``(numerator [..., q, h, g, d], denominator
     [..., q, h, g], final state)``."""
     *batch_shape, length = phi_q.shape[:-3]
@@ -96,18 +131,23 @@ def _causal(phi_q, phi_k, value, chunk_size, precision, state):
     chunks = -(-length // chunk)
     pad = chunks * chunk - length
 
-    def split(x):  # [..., length, ...] -> [chunks, ..., chunk, ...]
+    def split(x, fill=0.0):  # [..., length, ...] -> [chunks, ..., chunk, ...]
         axis = len(batch_shape)
-        x = jnp.pad(x, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (x.ndim - axis - 1))
+        widths = [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (x.ndim - axis - 1)
+        x = jnp.pad(x, widths, constant_values=fill)
         x = x.reshape(*x.shape[:axis], chunks, chunk, *x.shape[axis + 1 :])
         return jnp.moveaxis(x, axis, 0)
 
-    q_c, k_c, v_c = split(phi_q), split(phi_k), split(value)
+    k_fill = -jnp.inf if key_logits else 0.0
+    q_c, k_c, v_c = split(phi_q), split(phi_k, k_fill), split(value)
     tril = jnp.tril(jnp.ones((chunk, chunk), bool))
 
     def step(carry, xs):
-        kv, norm = carry
+        kv, norm, *shift = carry
         q, k, v = xs
+        if key_logits:
+            k, kv, norm, new = _shifted_keys(k, shift[0], kv, norm, len(batch_shape))
+            shift = [new]
         scores = jnp.einsum("...qhgf,...khf->...hgqk", q, k, precision=precision)
         scores = jnp.where(tril, scores, 0.0)
         num = jnp.einsum("...hgqk,...khd->...qhgd", scores, v, precision=precision)
@@ -116,9 +156,9 @@ def _causal(phi_q, phi_k, value, chunk_size, precision, state):
         den = jnp.moveaxis(den, -1, -3) + jnp.einsum("...qhgf,...hf->...qhg", q, norm)
         kv = kv + jnp.einsum("...khf,...khd->...hfd", k, v, precision=precision)
         norm = norm + k.sum(-3)
-        return (kv, norm), (num, den)
+        return (kv, norm, *shift), (num, den)
 
-    state, (num, den) = jax.lax.scan(step, state, (q_c, k_c, v_c))
+    state, (num, den) = jax.lax.scan(step, tuple(state), (q_c, k_c, v_c))
 
     def merge(x):  # [chunks, ..., chunk, ...] -> [..., length, ...]
         axis = len(batch_shape)
@@ -136,25 +176,39 @@ def _zero_invalid(x: jax.Array, valid: jax.Array | None, extra_axes: int) -> jax
     return jnp.where(valid.reshape(*valid.shape, *(1,) * extra_axes), x, 0.0)
 
 
-def _pad_front(x: jax.Array, count: int, axis: int) -> jax.Array:
+def _hide_invalid(phi_k: jax.Array, valid: jax.Array | None, key_logits: bool) -> jax.Array:
+    """Key features (or log-features, which get -inf) of the invalid keys hidden."""
+    if not key_logits:
+        return _zero_invalid(phi_k, valid, 2)
+    if valid is None:
+        return phi_k
+    return jnp.where(valid.reshape(*valid.shape, 1, 1), phi_k, -jnp.inf)
+
+
+def _pad_front(x: jax.Array, count: int, axis: int, fill: float = 0.0) -> jax.Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (count, 0)
-    return jnp.pad(x, widths)
+    return jnp.pad(x, widths, constant_values=fill)
 
 
 def prefix_attention(
-    call: AttentionCall, features: Callable[[jax.Array, bool], jax.Array], *, chunk_size: int
+    call: AttentionCall,
+    features: Callable[[jax.Array, bool], jax.Array],
+    *,
+    chunk_size: int,
+    key_logits: bool = False,
 ) -> jax.Array:
-    """Feature attention on a validated call, with ``features(x, is_query) -> phi(x)``:
-    padding from its visibility, bottom-right causal for any ``q_len`` / ``kv_len`` (the
-    shorter side padded at the front with tokens that see, or count, nothing).
+    """Feature attention on a validated call, with ``features(x, is_query) -> phi(x)``
+    (for keys ``log phi(x)`` with ``key_logits``): padding from its visibility,
+    bottom-right causal for any ``q_len`` / ``kv_len`` (the shorter side padded at the
+    front with tokens that see, or count, nothing).
 
     Returns ``[*batch, q_len, heads, v_dim]`` in the call's output dtype.
     """
     q_tok, k_tok = call.visibility.tokens()
     query, key, value = call.safe_inputs()
     phi_q = features(query, True)
-    phi_k = _zero_invalid(features(key, False), k_tok.valid, 2)
+    phi_k = _hide_invalid(features(key, False), k_tok.valid, key_logits)
     q_len, kv_len = query.shape[-3], key.shape[-3]
     axis = len(call.batch_shape)
     offset = kv_len - q_len
@@ -162,7 +216,8 @@ def prefix_attention(
     if causal and offset > 0:
         phi_q = _pad_front(phi_q, offset, axis)
     elif causal and offset < 0:
-        phi_k, value = _pad_front(phi_k, -offset, axis), _pad_front(value, -offset, axis)
+        fill = -jnp.inf if key_logits else 0.0
+        phi_k, value = _pad_front(phi_k, -offset, axis, fill), _pad_front(value, -offset, axis)
     out, _ = feature_attention(
         phi_q,
         phi_k,
@@ -170,6 +225,7 @@ def prefix_attention(
         is_causal=causal,
         chunk_size=chunk_size,
         precision=call.precision,
+        key_logits=key_logits,
     )
     out = jax.lax.slice_in_dim(out, out.shape[axis] - q_len, out.shape[axis], axis=axis)
     return _zero_invalid(out, q_tok.valid, 2).astype(call.out_dtype)
@@ -183,21 +239,27 @@ class Recurrence:
       features: ``(x [..., d], is_query, options) -> phi(x) [..., f]`` float32, with the
         kernel's options (``options["scale"]`` is the logit scale).
       feature_dim: ``(head_dim, options) -> f``.
+      key_logits: ``features`` gives keys' ``log phi``; the state then keeps the shift
+        their exponentials were taken with (``"shift" [batch, kv_heads]``).
     """
 
     features: Callable[[jax.Array, bool, dict[str, Any]], jax.Array]
     feature_dim: Callable[[int, dict[str, Any]], int]
+    key_logits: bool = False
 
     def init(
         self, batch: int, kv_heads: int, head_dim: int, v_dim: int, options: dict[str, Any]
     ) -> dict[str, jax.Array]:
         """The empty state: ``{"kv": [batch, kv_heads, f, v_dim], "k": [batch, kv_heads,
-        f]}`` float32 zeros."""
+        f]}`` (and ``"shift": [batch, kv_heads]`` with ``key_logits``) float32 zeros."""
         f = self.feature_dim(head_dim, options)
-        return {
+        state = {
             "kv": jnp.zeros((batch, kv_heads, f, v_dim), jnp.float32),
             "k": jnp.zeros((batch, kv_heads, f), jnp.float32),
         }
+        if self.key_logits:
+            state["shift"] = jnp.zeros((batch, kv_heads), jnp.float32)
+        return state
 
     def step(
         self,
@@ -220,10 +282,11 @@ class Recurrence:
         if options.get("scale") is None:
             options["scale"] = float(query.shape[-1]) ** -0.5
         phi_q = self.features(query, True, options)
-        phi_k = _zero_invalid(self.features(key, False, options), valid, 2)
+        phi_k = _hide_invalid(self.features(key, False, options), valid, self.key_logits)
         value = _zero_invalid(value.astype(jnp.float32), valid, 2)
-        out, (kv, k) = feature_attention(
+        names = ("kv", "k", "shift") if self.key_logits else ("kv", "k")
+        out, new = feature_attention(
             phi_q, phi_k, value, is_causal=True, chunk_size=chunk_size,
-            state=(state["kv"], state["k"]),
+            state=tuple(state[name] for name in names), key_logits=self.key_logits,
         )  # fmt: skip
-        return out, {"kv": kv, "k": k}
+        return out, dict(zip(names, new, strict=True))

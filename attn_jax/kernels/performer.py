@@ -66,24 +66,23 @@ def orthogonal_features(rng: jax.Array, num_features: int, dim: int) -> jax.Arra
 
 def positive_features(x: jax.Array, projection: jax.Array, *, is_query: bool) -> jax.Array:
     """FAVOR+ features ``exp(w_m . x - |x|^2 / 2) / sqrt(m)`` of ``x [..., dim]`` (already
-    scaled by ``scale ** 0.5``), rescaled so nothing overflows and every factor cancels:
+    scaled by ``scale ** 0.5``), for queries divided by their own row maximum (which
+    cancels in the attention ratio); for keys their logarithm, which
+    :func:`~attn_jax.kernels.feature_maps.prefix_attention` and :class:`Recurrence`
+    exponentiate with one stabilising shift per sequence and head (``key_logits=True``).
 
-    keys get ``exp(-|w_m|^2 / 2)``, which bounds their exponent by
-    ``-(|x| - |w_m|)^2 / 2 <= 0`` whatever the data (no dependence on other positions, so
-    causal and padded outputs are exact); queries get ``exp(+|w_m|^2 / 2)`` back and are
-    divided by their own row maximum, which cancels in the attention ratio.
+    No per-feature shift is applied: both factors of a feature's product stay near 1 for
+    keys and queries of moderate norm at any head_dim. (Shifting keys by ``|w_m|^2 / 2``
+    to bound them without looking at the data, and queries back, put keys near
+    ``exp(-dim / 2)``, which underflows float32 to 0 from head_dim ~200 on: every output 0.)
     """
     x = x.astype(jnp.float32)
-    shift = 0.5 * jnp.sum(projection * projection, axis=-1)  # [m]
-    shift = shift.reshape((1,) * (x.ndim - 1) + shift.shape)
     logits = jnp.einsum("...d,md->...m", x, projection) - 0.5 * jnp.sum(
         x * x, axis=-1, keepdims=True
     )
-    if is_query:
-        logits = logits + shift
-        logits = logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-    else:
-        logits = logits - shift
+    if not is_query:
+        return logits - 0.5 * math.log(projection.shape[0])
+    logits = logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))
     return jnp.exp(logits) / math.sqrt(projection.shape[0])
 
 
@@ -116,7 +115,7 @@ def _feature_dim(head_dim: int, options: dict[str, Any]) -> int:
     return int(options.get("num_features", 256))
 
 
-PERFORMER_RECURRENCE = Recurrence(_features, _feature_dim)
+PERFORMER_RECURRENCE = Recurrence(_features, _feature_dim, key_logits=True)
 
 
 @register(
@@ -151,4 +150,4 @@ def performer_attention(
     options["projection"] = _projection(options, call.query.shape[-1])  # drawn once
     options["rng"] = None
     features = lambda x, is_query: _features(x, is_query, options)
-    return AttentionOutput(prefix_attention(call, features, chunk_size=chunk_size))
+    return AttentionOutput(prefix_attention(call, features, chunk_size=chunk_size, key_logits=True))

@@ -188,3 +188,43 @@ def test_performer_compiles_without_lapack_custom_calls():
     fn = lambda q, k, v: kernels.performer_attention(q, k, v, rng=jax.random.key(0))
     hlo = jax.jit(fn).lower(q, k, v).as_text()
     assert "custom_call" not in hlo
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_estimates_softmax_at_wide_heads(causal):
+    """Keys once shifted by ``|w|^2 / 2`` (about head_dim / 2) underflowed to 0 from
+    head_dim ~200 on: every output 0, and a width-256 one-head model never learned."""
+    rng = np.random.RandomState(0)
+    q, k = (jnp.asarray(0.125 * rng.randn(2, 16, 2, 256), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.randn(2, 16, 2, 5), jnp.float32)
+    exact = ref.dot_product_attention(q, k, v, is_causal=causal)
+    out = kernels.performer_attention(
+        q, k, v, rng=jax.random.key(0), num_features=1024, is_causal=causal
+    )
+    error = np.abs(np.asarray(out, np.float64) - exact).max()
+    assert error < 0.05 * np.abs(exact).max(), error
+
+
+def test_performer_keys_near_a_projection_row_stay_finite_and_decode_alike():
+    """A key at ``x = w_m`` has log-feature ``|w_m|^2 / 2`` (about 128 at head_dim 256):
+    every key of the sequence is shifted alike by the largest (exact, finite), and
+    decoding rescales its sums when a later key needs a larger shift."""
+    from attn_jax.kernels.performer import PERFORMER_RECURRENCE, orthogonal_features
+
+    q, k, v = _qkv(seed=6, q_len=8, kv_len=8, heads=2, kv_heads=1, dim=256, scale=0.125)
+    projection = orthogonal_features(jax.random.key(0), 64, 256)
+    options = {"projection": projection, "rng": None}
+    k = k.at[:, 5, 0].set(4.0 * projection[0])  # scaled by 256 ** -0.25: exactly w_0
+    # Chunks of 1: each row's keys shifted by the largest so far (within a chunk, the
+    # chunk's largest: rows before such a key would underflow).
+    out = kernels.performer_attention(q, k, v, projection=projection, is_causal=True, chunk_size=1)
+    assert np.all(np.isfinite(out)) and np.all(np.any(out != 0, axis=-1))
+    state = PERFORMER_RECURRENCE.init(2, 1, 256, 5, options)
+    rows = []
+    for t in range(8):  # one token at a time
+        step = (q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
+        row, state = PERFORMER_RECURRENCE.step(state, *step, options=options)
+        rows.append(row)
+        shift = float(state["shift"].min())
+        assert shift < 10 if t < 5 else shift > 60, (t, shift)
+    np.testing.assert_allclose(jnp.concatenate(rows, axis=1), out, rtol=1e-4, atol=1e-5)
