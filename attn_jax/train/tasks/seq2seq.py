@@ -330,10 +330,8 @@ def _plot_seq2seq(model, data: Seq2SeqData, title: str):
         plotted = plotted_model(model)
         if plotted is None:
             return []
-        outputs = np.asarray(
-            decode.translate(
-                model, params, arrays["src"], max_len=tgt_len, bos_id=BOS, eos_id=EOS, pad_id=PAD
-            )
+        outputs = translate_in_batches(
+            model, params, arrays["src"], tgt_len, batch_size=len(chosen)
         )
         paths = []
         for i, (source, reference) in enumerate(chosen):
