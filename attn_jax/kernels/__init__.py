@@ -15,6 +15,7 @@ from attn_jax.kernels.api import (
     dot_product_attention,
 )
 from attn_jax.kernels.auto import auto_attention
+from attn_jax.kernels.block_features import dropout_keep_mask
 from attn_jax.kernels.checks import AttentionInputError, UnsupportedArgumentError
 from attn_jax.kernels.chunked import chunked_attention
 from attn_jax.kernels.dot_product import dense_attention
@@ -57,6 +58,7 @@ __all__ = [
     "dense_attention",
     "dispatch",
     "dot_product_attention",
+    "dropout_keep_mask",
     "flash_attention",
     "flax_attention_fn",
     "get",

@@ -46,12 +46,13 @@ __all__ = [
 
 class AttentionOutput(NamedTuple):
     """What a core kernel returns: ``out [*batch, q_len, heads, v_dim]`` and, when asked
-    for, the log-sum-exp ``residual [*batch, q_len, heads]`` and ``weights [*batch, heads,
-    q_len, kv_len]`` (float32)."""
+    for, the log-sum-exp ``residual [*batch, q_len, heads]``, ``weights [*batch, heads,
+    q_len, kv_len]`` and the per-key attention ``mass [*batch, heads, kv_len]`` (float32)."""
 
     out: jax.Array
     residual: jax.Array | None = None
     weights: jax.Array | None = None
+    mass: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,11 @@ class AttentionCall:
       dropout_rate, dropout_rng, broadcast_dropout: attention-weight dropout (rate 0: off).
       precision: ``jax.lax.Precision`` for the matmuls.
       out_dtype: dtype of the output.
-      return_weights, return_residual: what the caller wants back.
+      score_fn: ``score_fn(score, batch, head, q_pos, kv_pos)``, or ``None``.
+      mask_fn: ``mask_fn(batch, head, q_pos, kv_pos)``, or ``None``.
+      logits_soft_cap: ``cap`` of ``cap * tanh(logits / cap)``, or ``None``.
+      sinks: float32 ``[heads]`` sink logits, or ``None``.
+      return_weights, return_residual, return_attention_mass: what the caller wants back.
       finite_kv_padding: the caller promises that keys and values no query sees are
         finite, so :meth:`safe_inputs` leaves them as they are.
       requested: capability -> the argument that asks for it (for error messages).
@@ -90,6 +95,11 @@ class AttentionCall:
     return_residual: bool
     requested: dict[str, str]
     finite_kv_padding: bool = False
+    score_fn: Callable[..., jax.Array] | None = None
+    mask_fn: Callable[..., jax.Array] | None = None
+    logits_soft_cap: float | None = None
+    sinks: jax.Array | None = None
+    return_attention_mass: bool = False
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -104,13 +114,15 @@ class AttentionCall:
         return self.key.shape[-2]
 
     def outputs(self, result: AttentionOutput) -> jax.Array | tuple[jax.Array, ...]:
-        """``result`` as the caller asked for it: the output, then the weights and/or the
-        residual when requested (the ``jax.nn`` / flax return convention)."""
+        """``result`` as the caller asked for it: the output, then the weights, the residual
+        and the attention mass, those requested (the ``jax.nn`` / flax convention)."""
         extras = []
         if self.return_weights:
             extras.append(result.weights)
         if self.return_residual:
             extras.append(result.residual)
+        if self.return_attention_mass:
+            extras.append(result.mass)
         if any(x is None for x in extras):
             raise RuntimeError("the attention kernel did not return what was asked")
         return (result.out, *extras) if extras else result.out
@@ -198,6 +210,9 @@ def bind(
     if rate > 0.0 and a["dropout_rng"] is None:
         checks.fail("dropout_rng", "a jax.random key is required when dropout_rate > 0")
     given["dropout_rate"] = rate
+    for name in ("score_fn", "mask_fn"):
+        if a[name] is not None and not callable(a[name]):
+            checks.fail(name, f"expected a callable or None, got {a[name]!r}")
     return AttentionCall(
         query=query,
         key=key,
@@ -214,6 +229,11 @@ def bind(
         return_residual=bool(a["return_residual"]),
         requested=_requested(visibility, bias, heads, kv_heads, given),
         finite_kv_padding=_flag(a["finite_kv_padding"], "finite_kv_padding"),
+        score_fn=a["score_fn"],
+        mask_fn=a["mask_fn"],
+        logits_soft_cap=_soft_cap(a["logits_soft_cap"]),
+        sinks=_sinks(a["sinks"], heads),
+        return_attention_mass=_flag(a["return_attention_mass"], "return_attention_mass"),
     )
 
 
@@ -234,6 +254,33 @@ def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool | np.bool_):
         checks.fail(name, f"expected True or False, got {value!r}")
     return bool(value)
+
+
+def _soft_cap(cap: Any) -> float | None:
+    """``logits_soft_cap`` as a positive Python float (``None`` stays)."""
+    if cap is None:
+        return None
+    try:
+        value = float(cap)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+        value = None
+    if value is None or np.ndim(cap) != 0 or not value > 0.0 or not math.isfinite(value):
+        checks.fail("logits_soft_cap", f"expected a concrete positive float or None, got {cap!r}")
+    return value
+
+
+def _sinks(sinks: Any, heads: int) -> jax.Array | None:
+    """``sinks`` (a float or an array broadcastable to ``[heads]``) as float32 ``[heads]``."""
+    if sinks is None:
+        return None
+    sinks = jnp.asarray(sinks)
+    if not jnp.issubdtype(sinks.dtype, jnp.floating) and not jnp.issubdtype(
+        sinks.dtype, jnp.integer
+    ):
+        checks.fail("sinks", f"expected a float or a float array [heads], got dtype {sinks.dtype}")
+    if sinks.ndim > 1 or (sinks.ndim == 1 and sinks.shape[0] not in (1, heads)):
+        checks.fail("sinks", f"expected a scalar or shape [{heads}] (per head), got {sinks.shape}")
+    return jnp.broadcast_to(sinks.astype(jnp.float32), (heads,))
 
 
 def _dropout_rate(rate: Any) -> float:
@@ -343,15 +390,21 @@ def dot_product_attention(
     broadcast_dropout: bool = False,
     dtype: Any = None,
     precision: Any = None,
+    score_fn: Callable[..., jax.Array] | None = None,
+    mask_fn: Callable[..., jax.Array] | None = None,
+    logits_soft_cap: float | None = None,
+    sinks: jax.Array | float | None = None,
     return_weights: bool = False,
     return_residual: bool = False,
+    return_attention_mass: bool = False,
     deterministic: bool = False,
     finite_kv_padding: bool = False,
     module: Any = None,
     implementation: str | Sequence[str] | None = None,
     **kernel_options: Any,
 ) -> jax.Array | tuple[jax.Array, ...]:
-    """Scaled dot-product attention ``softmax(q k^T * scale + bias) v``.
+    """Scaled dot-product attention ``softmax(q k^T * scale + bias) v``, with optional
+    score and mask functions, logit soft-capping and attention sinks.
 
     A drop-in for ``jax.nn.dot_product_attention`` and ``flax.linen.dot_product_attention``
     (same layouts and arguments), with one difference stated precisely: ``is_causal`` and
@@ -389,8 +442,31 @@ def dot_product_attention(
         (flax).
       dtype: compute/output dtype (default: the query's dtype for the output).
       precision: ``jax.lax.Precision`` for the matmuls.
+      score_fn: ``score_fn(score, batch, head, q_pos, kv_pos) -> score``, applied to the
+        float32 logits ``q . k * scale + bias`` (ALiBi, T5 buckets, ...; see
+        :mod:`attn_jax.kernels.patterns`). Its arguments are arrays that broadcast against
+        each other to the shape of the logits being computed (a block of them in the
+        blockwise kernels; ranks unspecified), so it must be elementwise: ``batch`` is the
+        row-major flattened batch index, ``head`` the query head, ``q_pos`` / ``kv_pos``
+        the positions of the visibility model (right when decoding from a cache). Arrays
+        it closes over (a learned table) get gradients.
+      mask_fn: ``mask_fn(batch, head, q_pos, kv_pos) -> bool`` (True = attend), combined
+        with the other visibility arguments; the same broadcasting contract. Blockwise
+        kernels classify blocks from it once per call (evaluated block by block, never as
+        a ``q_len x kv_len`` array), skip blocks it hides and do not evaluate it on blocks
+        it shows entirely. Keys it hides from every query must hold finite values.
+      logits_soft_cap: ``cap``: logits become ``cap * tanh(logits / cap)`` (Gemma 2),
+        after ``score_fn`` and before masking.
+      sinks: attention-sink logits, a float or ``[heads]`` (learned: gets gradients): one
+        extra logit per head that takes softmax mass but has no value (gpt-oss);
+        ``sinks=0.0`` is "softmax + 1" (``exp(s) / (1 + sum exp(s))``). Rows that see no
+        key give zeros; the residual includes the sink.
       return_weights: also return float32 weights ``[batch..., heads, q_len, kv_len]``.
       return_residual: also return the float32 log-sum-exp ``[batch..., q_len, heads]``.
+      return_attention_mass: also return the float32 attention mass each key receives,
+        ``[batch..., heads, kv_len]``: the weights summed over queries (before dropout,
+        without the sink; ``.sum(-2)`` sums heads). Blockwise kernels compute it block by
+        block; no gradient flows through it.
       deterministic: turn dropout off (flax's ``attention_fn`` convention).
       finite_kv_padding: a promise that every key and value no query sees (padding past
         ``key_value_seq_lengths``, masked-out or out-of-window keys) is finite, e.g. the
@@ -410,7 +486,8 @@ def dot_product_attention(
         ``block_q=`` for ``"flash"``).
 
     Returns:
-      ``[batch..., q_len, heads, v_head_dim]``, then weights and/or residual if requested.
+      ``[batch..., q_len, heads, v_head_dim]``, then the weights, residual and attention
+      mass, those requested, in that order.
       Query rows with no visible key give zeros (and zero weights); what padded or masked
       positions hold never reaches outputs or gradients (unless ``finite_kv_padding``
       promised it finite).

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attn_jax.kernels import checks, softmax_core
+from attn_jax.kernels import block_features, checks, softmax_core
 from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.api import AttentionCall
 from attn_jax.kernels.visibility import Tokens
@@ -56,6 +56,9 @@ __all__ = [
 MASK_VALUE = softmax_core.MASK_VALUE
 
 
+_NO_FUNCTIONS = block_features.BlockFunctions()
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
     """Static description of a blockwise problem (hashable: a ``custom_vjp`` static arg)."""
@@ -71,8 +74,7 @@ class BlockLayout:
     scale: float
     is_causal: bool
     window: tuple[int, int] | None
-    mask_fn: Callable[..., jax.Array] | None = None
-    bias_fn: Callable[..., jax.Array] | None = None
+    fns: block_features.BlockFunctions = _NO_FUNCTIONS
     precision: Any = None
     dtype: Any = jnp.float32  # storage dtype of the canonical queries, keys and values
 
@@ -139,7 +141,9 @@ class Plan:
 @dataclasses.dataclass
 class Canonical:
     """Inputs in the canonical layout, padded to whole blocks: queries, keys and values in
-    their storage dtype (``layout.dtype``), bias float32."""
+    their storage dtype (``layout.dtype``), bias float32, ``sinks [1, kv_heads, groups, 1]``
+    float32; the arrays ``score_fn`` and ``mask_fn`` close over (``score_consts`` get
+    gradients), and the fused dropout's ``seed`` (uint32 ``[2]``)."""
 
     query: jax.Array
     key: jax.Array
@@ -152,6 +156,10 @@ class Canonical:
     batch_shape: tuple[int, ...]
     heads: int
     out_dtype: Any
+    sinks: jax.Array | None = None
+    score_consts: tuple = ()
+    mask_consts: tuple = ()
+    seed: jax.Array | None = None
 
 
 def classify(
@@ -171,9 +179,21 @@ def classify(
 
 
 def plan(c: Canonical) -> Plan:
-    """Classifies the blocks of ``c`` (from its tokens and mask)."""
+    """Classifies the blocks of ``c`` (from its tokens, mask and ``mask_fn``)."""
     layout = c.layout
     classes = classify(layout, c.q_tokens, c.k_tokens, c.mask, layout.block_q, layout.block_k)
+    if layout.fns.mask_fn is not None:
+        hidden, full = block_features.mask_fn_classes(
+            layout.fns,
+            layout.kv_heads,
+            layout.groups,
+            c.q_tokens,
+            c.k_tokens,
+            c.mask_consts,
+            layout.block_q,
+            layout.block_k,
+        )
+        classes = block_features.combine_classes(classes, hidden, full)
     order, count = vis.visible_blocks(classes)
     return Plan(classes, order, count)
 
@@ -209,10 +229,10 @@ def block_scores(layout: BlockLayout, q_blk, k_blk, bias_blk) -> jax.Array:
     return s if bias_blk is None else s + bias_blk
 
 
-def online_softmax_update(layout: BlockLayout, state, s, visible, v_blk):
+def online_softmax_update(layout: BlockLayout, state, s, visible, v_blk, keep=None):
     """Folds one block of scores ``s [b, h, g, n, m]`` (where ``visible``; ``None``: all of
     it) and its values ``v_blk [b, h, m, dv]`` into the running ``(max [b, h, g, n], total,
-    acc [.., dv])``."""
+    acc [.., dv])``; ``keep``: dropout factors on the weights that reach the values."""
     m, total, acc = state
     if visible is not None:
         s = jnp.where(visible, s, MASK_VALUE)
@@ -221,8 +241,58 @@ def online_softmax_update(layout: BlockLayout, state, s, visible, v_blk):
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
     correction = jnp.exp(m - m_new)
-    pv = matmul(layout, "bhgqk,bhkd->bhgqd", p, v_blk)
+    applied = p if keep is None else p * keep
+    pv = plain_matmul(layout, "bhgqk,bhkd->bhgqd", applied, v_blk)
     return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
+
+
+def plain_matmul(layout: BlockLayout, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """:func:`matmul` for kernels whose derivatives are a JVP that JAX transposes: operands
+    in the storage dtype, float32 result; its JVP is two :func:`linear_matmul` products, so
+    that forward mode, reverse mode (their transposes) and higher orders all multiply
+    16-bit operands."""
+    if jnp.dtype(layout.dtype) == jnp.float32:
+        return _einsum(spec, layout.dtype, layout.precision, a, b)
+    return _matmul_jvp(spec, layout.dtype, layout.precision, a, b)
+
+
+def linear_matmul(layout: BlockLayout, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``einsum(spec, a, b)`` as a term of a tangent: operands in the storage dtype and the
+    product rounded to it (float32 accumulation within), returned as float32. Its transpose
+    (the backward pass) then multiplies 16-bit cotangents too; a float32 product would
+    transpose into float32 x 16-bit matmuls."""
+    return _einsum_to(spec, layout.dtype, layout.precision, a, b).astype(jnp.float32)
+
+
+def _einsum_to(spec: str, dtype: Any, precision: Any, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(
+        spec, a.astype(dtype), b.astype(dtype), precision=precision, preferred_element_type=dtype
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _matmul_jvp(spec, dtype, precision, a, b):
+    return _einsum(spec, dtype, precision, a, b)
+
+
+@_matmul_jvp.defjvp
+def _matmul_jvp_rule(spec, dtype, precision, primals, tangents):
+    a, b = primals
+    ta, tb = tangents
+    out = _einsum(spec, dtype, precision, a, b)
+    product = lambda x, y: _einsum_to(spec, dtype, precision, x, y).astype(jnp.float32)
+    return out, product(ta, b) + product(a, tb)
+
+
+def online_softmax_init(stats: tuple[int, ...], dv: int, sinks, *like):
+    """The running ``(max, total, acc)`` before any key: empty, or the sink's logit
+    (``sinks [1, h, g, 1]``) with its weight ``exp(0) = 1`` and no value."""
+    acc = zeros_like_inputs((*stats, dv), *like)
+    if sinks is None:
+        empty = zeros_like_inputs(stats, *like)
+        return empty + MASK_VALUE, empty, acc
+    m = jnp.broadcast_to(sinks, stats) + zeros_like_inputs(stats, *like)
+    return m, zeros_like_inputs(stats, *like, fill=1.0), acc
 
 
 def online_softmax_result(m, total, acc) -> tuple[jax.Array, jax.Array]:
@@ -267,19 +337,28 @@ def pad_to(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def canonical_tokens(t: Tokens, batch_shape: tuple[int, ...], length: int, padded: int) -> Tokens:
+def canonical_tokens(
+    t: Tokens,
+    batch_shape: tuple[int, ...],
+    length: int,
+    padded: int,
+    index: jax.Array | None = None,
+) -> Tokens:
     """``t`` (``[*batch or 1s, length]``) as ``[B, padded]`` with validity materialised
-    (``False`` on the padding)."""
+    (``False`` on the padding) and the sequence ``index`` (default ``0 .. padded - 1``)."""
     batch = math.prod(batch_shape)
 
     def flat(x):
         return jnp.broadcast_to(x, (*batch_shape, length)).reshape(batch, length)
 
     valid = jnp.ones((batch, length), bool) if t.valid is None else flat(t.valid)
+    if index is None:
+        index = jnp.arange(padded, dtype=jnp.int32)
     return Tokens(
         pad_to(flat(t.positions), 1, padded),
         pad_to(valid, 1, padded, False),
         None if t.segment_ids is None else pad_to(flat(t.segment_ids), 1, padded),
+        pad_to(jnp.asarray(index, jnp.int32).reshape(1, -1), 1, padded),
     )
 
 
@@ -293,8 +372,6 @@ def canonicalize(
     *,
     block_q: int,
     block_k: int,
-    mask_fn: Callable[..., jax.Array] | None = None,
-    bias_fn: Callable[..., jax.Array] | None = None,
     tokens: tuple[Tokens, Tokens] | None = None,
     autodiff: bool = False,
 ) -> Canonical:
@@ -359,11 +436,10 @@ def canonicalize(
         scale=call.scale,
         is_causal=call.visibility.is_causal,
         window=call.visibility.window,
-        mask_fn=mask_fn,
-        bias_fn=bias_fn,
         precision=call.precision,
         dtype=dtype,
     )
+    layout, extras = _block_functions(call, layout, batch)
     return Canonical(
         query=q,
         key=k,
@@ -376,7 +452,37 @@ def canonicalize(
         batch_shape=batch_shape,
         heads=heads,
         out_dtype=call.out_dtype,
+        **extras,
     )
+
+
+def _block_functions(call: AttentionCall, layout: BlockLayout, batch: int):
+    """``layout`` with the call's score pipeline (``score_fn`` and ``mask_fn`` converted at
+    its block shapes), and the :class:`Canonical` fields that go with it."""
+    example = block_features.example_block(
+        layout.kv_heads, layout.groups, batch, layout.block_q, layout.block_k
+    )
+    scores = jnp.zeros((batch, layout.kv_heads, layout.groups, layout.block_q, layout.block_k))
+    score_fn, score_consts = block_features.convert(call.score_fn, (scores, *example))
+    mask_fn, mask_consts = block_features.convert(call.mask_fn, example)
+    fns = block_features.BlockFunctions(
+        score_fn=score_fn,
+        mask_fn=mask_fn,
+        soft_cap=call.logits_soft_cap,
+        dropout_rate=call.dropout_rate,
+        broadcast_dropout=call.broadcast_dropout,
+    )
+    sinks = None
+    if call.sinks is not None:
+        sinks = call.sinks.reshape(1, layout.kv_heads, layout.groups, 1)
+    seed = None if call.dropout_rate == 0.0 else block_features.seed_words(call.dropout_rng)
+    extras = dict(
+        sinks=sinks,
+        score_consts=score_consts,
+        mask_consts=tuple(jax.lax.stop_gradient(x) for x in mask_consts),
+        seed=seed,
+    )
+    return dataclasses.replace(layout, fns=fns), extras
 
 
 def restore(out: jax.Array, c: Canonical) -> jax.Array:
@@ -399,49 +505,34 @@ def block_visible(
     q_tok: Tokens,
     k_tok: Tokens,
     mask_block: jax.Array | None,
-    q_start: Any = 0,
-    k_start: Any = 0,
+    mask_consts: tuple = (),
 ) -> jax.Array:
     """``[B, 1 or kv_heads, 1 or groups, n, m]`` visibility of query tokens ``[B, n]`` to
-    key tokens ``[B, m]`` (rows ``q_start..`` and ``k_start..`` of the arrays, for
-    ``mask_fn``), with the block's slice of the dense mask."""
+    key tokens ``[B, m]``, with the block's slice of the dense mask and ``mask_fn``."""
     ok = vis.visible(q_tok, k_tok, is_causal=layout.is_causal, window=layout.window)
     ok = ok[:, None, None]
     if mask_block is not None:
         ok = ok & mask_block
-    if layout.mask_fn is not None:
-        n, m = ok.shape[-2:]
-        i = q_start + jnp.arange(n, dtype=jnp.int32)[:, None]
-        j = k_start + jnp.arange(m, dtype=jnp.int32)[None, :]
-        ok = ok & _per_head(layout.mask_fn(i, j), "mask_fn", layout)
-    return ok
-
-
-def block_bias(
-    layout: BlockLayout, q_start: jax.Array, k_start: jax.Array, bias_block: jax.Array | None
-) -> jax.Array | None:
-    """The additive bias of one block (array slice plus ``bias_fn``), or ``None``."""
-    out = bias_block
-    if layout.bias_fn is not None:
-        i = q_start + jnp.arange(layout.block_q, dtype=jnp.int32)[:, None]
-        j = k_start + jnp.arange(layout.block_k, dtype=jnp.int32)[None, :]
-        extra = _per_head(layout.bias_fn(i, j), "bias_fn", layout).astype(jnp.float32)
-        out = extra if out is None else out + extra
-    return out
-
-
-def _per_head(x: jax.Array, name: str, layout: BlockLayout) -> jax.Array:
-    """A callable's ``[block_q, block_k]`` or ``[heads, block_q, block_k]`` result, shaped
-    to broadcast against ``[B, kv_heads, groups, block_q, block_k]``."""
-    x = jnp.asarray(x)
-    if x.ndim == 2:
-        return x[None, None, None]
-    if x.ndim == 3:
-        return x.reshape(1, layout.kv_heads, layout.groups, *x.shape[1:])
-    raise checks.AttentionInputError(
-        f"argument '{name}': must return [block_q, block_k] or [heads, block_q, block_k], "
-        f"got shape {x.shape}"
+    return block_features.apply_mask_fn(
+        layout.fns, ok, layout.kv_heads, layout.groups, q_tok, k_tok, mask_consts
     )
+
+
+def block_logits(
+    layout: BlockLayout, q_blk, k_blk, bias_blk, q_tok, k_tok, score_consts, *, autodiff=False
+):
+    """Float32 logits ``[b, h, g, n, m]`` of queries ``[b, h, g, n, d]`` against keys
+    ``[b, h, m, d]``: scaled, plus the bias block, through ``score_fn`` and the soft cap
+    (``autodiff``: the kernel is differentiated by reverse-mode autodiff, :func:`matmul`)."""
+    scores = (matmul if autodiff else plain_matmul)(layout, "bhgqd,bhkd->bhgqk", q_blk, k_blk)
+    return block_features.logits(
+        layout.fns, layout.scale, scores, bias_blk, q_tok, k_tok, score_consts
+    )
+
+
+def block_keep(layout: BlockLayout, seed, q_tok: Tokens, k_tok: Tokens):
+    """The block's dropout factors (``None`` without dropout)."""
+    return block_features.keep(layout.fns, seed, layout.kv_heads, layout.groups, q_tok, k_tok)
 
 
 def slice_block(x: jax.Array | None, q_start: Any, k_start: Any, layout: BlockLayout):
@@ -457,3 +548,46 @@ def block_start(q_start: Any, k_start: Any) -> tuple[jax.Array, ...]:
     """The int32 start ``(0, 0, 0, q_start, k_start)`` of a block of a canonical
     ``[B, h, g, q, kv]`` array (one index type, also under ``jax_enable_x64``)."""
     return tuple(jnp.asarray(i, jnp.int32) for i in (0, 0, 0, q_start, k_start))
+
+
+def restore_mass(mass: jax.Array, c: Canonical) -> jax.Array:
+    """``[B, kv_heads, groups, kv_pad]`` -> ``[batch..., heads, kv_len]``."""
+    mass = mass[..., : c.layout.kv_len]
+    return mass.reshape(*c.batch_shape, c.heads, c.layout.kv_len)
+
+
+def key_mass(c: Canonical, plan: Plan, lse: jax.Array) -> jax.Array:
+    """The attention mass ``[B, kv_heads, groups, kv_pad]`` every key receives (its weights
+    ``exp(logit - lse)`` summed over the queries of each head), block by block over the
+    blocks ``plan`` does not hide; ``lse [B, kv_heads, groups, q_pad]`` is the forward's.
+    Computed without gradients."""
+    layout = c.layout
+    q, k, bias, lse = jax.lax.stop_gradient((c.query, c.key, c.bias, lse))
+    consts = jax.lax.stop_gradient(c.score_consts)
+    bq, bk = layout.block_q, layout.block_k
+
+    def query_block(iq, mass):
+        q0 = iq * bq
+        q_blk = jax.lax.dynamic_slice_in_dim(q, q0, bq, axis=3)
+        lse_blk = jax.lax.dynamic_slice_in_dim(lse, q0, bq, axis=3)
+        q_tok = slice_tokens(c.q_tokens, q0, bq)
+
+        def key_block(t, mass):
+            jk = plan.order[iq, t]
+            k0 = jk * bk
+            k_tok = slice_tokens(c.k_tokens, k0, bk)
+            k_blk = jax.lax.dynamic_slice_in_dim(k, k0, bk, axis=2)
+            s = block_logits(
+                layout, q_blk, k_blk, slice_block(bias, q0, k0, layout), q_tok, k_tok, consts
+            )
+            shown = block_visible(
+                layout, q_tok, k_tok, slice_block(c.mask, q0, k0, layout), c.mask_consts
+            )
+            p = jnp.where(shown, jnp.exp(jnp.minimum(s - lse_blk[..., None], 0.0)), 0.0)
+            column = jax.lax.dynamic_slice_in_dim(mass, k0, bk, axis=3) + p.sum(-2)
+            return jax.lax.dynamic_update_slice_in_dim(mass, column, k0, axis=3)
+
+        return jax.lax.fori_loop(0, plan.count[iq], key_block, mass)
+
+    init = zeros_like_inputs((*q.shape[:3], k.shape[2]), q, k)
+    return jax.lax.fori_loop(0, layout.num_q_blocks, query_block, init)

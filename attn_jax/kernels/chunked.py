@@ -19,14 +19,14 @@ from attn_jax.kernels import blockwise
 from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
 from attn_jax.kernels.blockwise import MASK_VALUE, Canonical, Plan
-from attn_jax.kernels.registry import TOKEN_VISIBILITY, register
+from attn_jax.kernels.registry import BLOCKWISE_FEATURES, register
 
 __all__ = ["chunked_attention"]
 
 
-def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array) -> jax.Array:
-    """``[b, h, g, chunk_q, dv]`` output of query chunk ``iq`` (``plan``: ``None`` computes
-    every key chunk)."""
+def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array, consts):
+    """``([b, h, g, chunk_q, dv] output, [b, h, g, chunk_q] log-sum-exp)`` of query chunk
+    ``iq`` (``plan``: ``None`` computes every key chunk)."""
     layout = c.layout
     q_start = iq * layout.block_q
     q_chunk = jax.lax.dynamic_slice_in_dim(c.query, q_start, layout.block_q, axis=3)
@@ -41,20 +41,24 @@ def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array) -> jax.A
         v_chunk = jax.lax.dynamic_slice_in_dim(c.value, k_start, layout.block_k, axis=2)
 
         def summary():
-            s = blockwise.block_scores(layout, q_chunk, k_chunk, None)
+            k_tok = blockwise.slice_tokens(c.k_tokens, k_start, layout.block_k)
             bias = blockwise.slice_block(c.bias, q_start, k_start, layout)
-            if bias is not None:
-                s = s + bias
+            s = blockwise.block_logits(
+                layout, q_chunk, k_chunk, bias, q_tok, k_tok, consts, autodiff=True
+            )
             visible = blockwise.block_visible(
                 layout,
                 q_tok,
-                blockwise.slice_tokens(c.k_tokens, k_start, layout.block_k),
+                k_tok,
                 blockwise.slice_block(c.mask, q_start, k_start, layout),
+                c.mask_consts,
             )
             s = jnp.where(visible, s, MASK_VALUE)
             chunk_max = jax.lax.stop_gradient(s.max(-1))
             weights = jnp.where(visible, jnp.exp(s - chunk_max[..., None]), 0.0)
-            values = blockwise.matmul(layout, "bhgqk,bhkd->bhgqd", weights, v_chunk)
+            keep = blockwise.block_keep(layout, c.seed, q_tok, k_tok)
+            applied = weights if keep is None else weights * keep
+            values = blockwise.matmul(layout, "bhgqk,bhkd->bhgqd", applied, v_chunk)
             return values, weights.sum(-1), chunk_max
 
         def hidden():
@@ -68,19 +72,27 @@ def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array) -> jax.A
         return jax.lax.cond(plan.classes[iq, k_index] == vis.HIDDEN, hidden, summary)
 
     values, sums, maxima = jax.lax.map(summarize, jnp.arange(layout.num_k_blocks, dtype=jnp.int32))
-    global_max = maxima.max(0, keepdims=True)
-    factors = jnp.exp(maxima - global_max)
+    global_max = maxima.max(0)
+    sinks = None if c.sinks is None else jnp.broadcast_to(c.sinks, global_max.shape)
+    if sinks is not None:  # the sink: one more logit, weight exp(sink - max), no value
+        global_max = jnp.maximum(global_max, jax.lax.stop_gradient(sinks))
+    factors = jnp.exp(maxima - global_max[None])
     values = (values * factors[..., None]).sum(0)
     total = (sums * factors).sum(0)
-    return values / jnp.where(total > 0, total, 1.0)[..., None]
+    if sinks is not None:
+        total = total + jnp.exp(sinks - global_max)
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    return values / safe[..., None], jnp.where(seen, global_max + jnp.log(safe), 0.0)
 
 
-@register("chunked", capabilities={*TOKEN_VISIBILITY, "mask", "bias"})
+@register("chunked", capabilities=BLOCKWISE_FEATURES)
 def chunked_attention(
     call: AttentionCall, *, query_chunk_size: int = 1024, key_chunk_size: int = 4096
 ) -> AttentionOutput:
     """Exact attention in query and key chunks (Rabe & Staats), linear memory by
-    rematerialisation; no dropout or returned weights.
+    rematerialisation; fused dropout; no returned weights (``return_attention_mass`` gives
+    their column sums).
 
     Options:
       query_chunk_size, key_chunk_size: chunk sizes (the paper's defaults: 1024 and 4096;
@@ -92,10 +104,20 @@ def chunked_attention(
     # Skipping takes a `cond`, which blocks XLA's fusion across it (measured at N = 4,096:
     # 1.5x slower and 1.4x the gradient scratch when nothing can be skipped), so it is used
     # only where a key chunk can be hidden: a restricting visibility and several key chunks.
-    skips = call.visibility.restricts and c.layout.num_k_blocks > 1
+    restricts = call.visibility.restricts or call.mask_fn is not None
+    skips = restricts and c.layout.num_k_blocks > 1
     plan = blockwise.plan(c) if skips else None
-    one_query_chunk = jax.checkpoint(lambda iq: _attend_query_chunk(c, plan, iq))
-    out = jax.lax.map(one_query_chunk, jnp.arange(c.layout.num_q_blocks, dtype=jnp.int32))
+    one_query_chunk = jax.checkpoint(lambda iq, consts: _attend_query_chunk(c, plan, iq, consts))
+    out, lse = jax.lax.map(
+        lambda iq: one_query_chunk(iq, c.score_consts),
+        jnp.arange(c.layout.num_q_blocks, dtype=jnp.int32),
+    )
     batch, kv_heads, groups = c.query.shape[:3]
     out = jnp.moveaxis(out, 0, 3).reshape(batch, kv_heads, groups, -1, out.shape[-1])
-    return AttentionOutput(blockwise.restore(out, c))
+    lse = jnp.moveaxis(lse, 0, 3).reshape(batch, kv_heads, groups, -1)
+    residual = blockwise.restore_lse(lse, c) if call.return_residual else None
+    mass = None
+    if call.return_attention_mass:
+        plan = plan if plan is not None else blockwise.plan(c)
+        mass = blockwise.restore_mass(blockwise.key_mass(c, plan, lse), c)
+    return AttentionOutput(blockwise.restore(out, c), residual, mass=mass)

@@ -1,80 +1,120 @@
-"""Flash-style attention: blockwise online softmax with a custom VJP (pure JAX).
+"""Flash-style attention: blockwise online softmax with a custom JVP (pure JAX).
 
 The forward pass walks, for each query block, only the key blocks that the visibility
-model does not hide (causal, window, padding, segments, a dense mask), keeping a running
-maximum, sum and weighted value sum, and saves only the output and the log-sum-exp per
-query. The backward pass recomputes each block's
-weights from the saved log-sum-exp, so forward and backward memory grow linearly with
-sequence length (plus any dense ``mask``/``bias`` you pass).
+model (causal, window, padding, segments, a dense mask, ``mask_fn``) does not hide,
+keeping a running maximum, sum and weighted value sum, and saves only the output and the
+log-sum-exp per query. Blocks shown entirely skip the mask evaluation.
+
+Derivatives come from one rule, the JVP (:func:`_tangent`): a second blockwise pass that
+recomputes each block's weights from the log-sum-exp and is linear in the tangents. JAX
+transposes it for reverse mode (the backward pass: the same blocks, weights recomputed,
+nothing ``q_len x kv_len`` stored) and differentiates it again for higher orders, so
+``jax.grad``, ``jax.jvp``, ``jax.jacfwd`` and Hessian-vector products all work with memory
+linear in sequence length. Score functions, the soft cap, sinks and fused dropout (its keep
+mask regenerated from the key and the block coordinates) live inside the same blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from attn_jax.kernels import blockwise
+from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
-from attn_jax.kernels.blockwise import MASK_VALUE, BlockLayout
-from attn_jax.kernels.blockwise import zeros_like_inputs as _zeros
-from attn_jax.kernels.registry import TOKEN_VISIBILITY, register
+from attn_jax.kernels.blockwise import BlockLayout
+from attn_jax.kernels.registry import BLOCKWISE_FEATURES, register
+from attn_jax.kernels.visibility import Tokens
 
 __all__ = ["flash_attention"]
 
 
-def _key_block(x: jax.Array, index: Any, layout: BlockLayout) -> jax.Array:
+def _key_block(x: jax.Array, index, layout: BlockLayout) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, index * layout.block_k, layout.block_k, axis=2)
 
 
-def _query_block(x: jax.Array, index: Any, layout: BlockLayout, axis: int = 3) -> jax.Array:
+def _query_block(x: jax.Array, index, layout: BlockLayout, axis: int = 3) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, index * layout.block_q, layout.block_q, axis=axis)
 
 
-def _visible(layout: BlockLayout, aux, q0, k0):
-    """Visibility of block ``(q0, k0)``: ``[b, h or 1, g or 1, block_q, block_k]``."""
-    mask, q_tok, k_tok, _ = aux
-    return blockwise.block_visible(
-        layout,
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """Block ``(iq, jk)``'s slices: queries, keys, values, bias (or ``None``), tokens and
+    the dense mask's block (or ``None``)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    bias: jax.Array | None
+    q_tok: Tokens
+    k_tok: Tokens
+    mask: jax.Array | None
+
+
+def _slices(layout: BlockLayout, q, k, v, bias, aux, iq, jk) -> _Block:
+    mask, q_tok, k_tok = aux[0], aux[1], aux[2]
+    q0, k0 = iq * layout.block_q, jk * layout.block_k
+    return _Block(
+        _query_block(q, iq, layout),
+        _key_block(k, jk, layout),
+        _key_block(v, jk, layout),
+        blockwise.slice_block(bias, q0, k0, layout),
         blockwise.slice_tokens(q_tok, q0, layout.block_q),
         blockwise.slice_tokens(k_tok, k0, layout.block_k),
         blockwise.slice_block(mask, q0, k0, layout),
-        q0,
-        k0,
     )
 
 
-def _forward(layout: BlockLayout, q, k, v, bias, aux):
+def _logits_fn(layout: BlockLayout, blk: _Block):
+    """The block's logits as a function of its differentiable inputs."""
+
+    def logits_of(q_blk, k_blk, bias_blk, consts):
+        return blockwise.block_logits(layout, q_blk, k_blk, bias_blk, blk.q_tok, blk.k_tok, consts)
+
+    return logits_of
+
+
+def _shown(layout: BlockLayout, blk: _Block, aux, partial: bool):
+    """The block's visibility (``None`` for a block shown entirely)."""
+    if not partial:
+        return None
+    return blockwise.block_visible(layout, blk.q_tok, blk.k_tok, blk.mask, aux[4])
+
+
+def _by_class(plan, iq, jk, fn, *args):
+    """``fn(partial, *args)``: without the mask for blocks shown entirely."""
+    return jax.lax.cond(
+        plan.classes[iq, jk] == vis.FULL,
+        functools.partial(fn, False),
+        functools.partial(fn, True),
+        *args,
+    )
+
+
+def _forward(layout: BlockLayout, q, k, v, bias, sinks, consts, aux):
     """``(out [b, h, g, q_pad, dv], lse [b, h, g, q_pad])``."""
     plan = aux[3]
     batch, kv_heads, groups, _, _ = q.shape
     dv = v.shape[-1]
 
     def one_query_block(iq):
-        q0 = iq * layout.block_q
-        q_blk = _query_block(q, iq, layout)
+        def update(partial, carry, jk):
+            blk = _slices(layout, q, k, v, bias, aux, iq, jk)
+            s = _logits_fn(layout, blk)(blk.q, blk.k, blk.bias, consts)
+            keep = blockwise.block_keep(layout, aux[5], blk.q_tok, blk.k_tok)
+            shown = _shown(layout, blk, aux, partial)
+            return blockwise.online_softmax_update(layout, carry, s, shown, blk.v, keep)
 
         def body(t, carry):
             jk = plan.order[iq, t]
-            k0 = jk * layout.block_k
-            bias_blk = blockwise.block_bias(
-                layout, q0, k0, blockwise.slice_block(bias, q0, k0, layout)
-            )
-            s = blockwise.block_scores(layout, q_blk, _key_block(k, jk, layout), bias_blk)
-            visible = _visible(layout, aux, q0, k0)
-            return blockwise.online_softmax_update(
-                layout, carry, s, visible, _key_block(v, jk, layout)
-            )
+            return _by_class(plan, iq, jk, update, carry, jk)
 
         stats = (batch, kv_heads, groups, layout.block_q)
-        inputs = (q, k, v, bias)
-        init = (
-            _zeros(stats, *inputs, fill=MASK_VALUE),
-            _zeros(stats, *inputs),
-            _zeros((*stats, dv), *inputs),
-        )
+        init = blockwise.online_softmax_init(stats, dv, sinks, q, k, v, bias)
         return blockwise.online_softmax_result(*jax.lax.fori_loop(0, plan.count[iq], body, init))
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(layout.num_q_blocks, dtype=jnp.int32))
@@ -84,95 +124,103 @@ def _forward(layout: BlockLayout, q, k, v, bias, aux):
     return out, lse
 
 
-def _backward(layout: BlockLayout, q, k, v, bias, aux, out, lse, d_out, d_lse):
-    """Gradients for ``q, k, v, bias``: one pass over query blocks, recomputing weights."""
+def _tangent(layout: BlockLayout, primals, tangents, out, lse):
+    """The JVP of ``(out, lse)``: linear in ``tangents`` (of ``q, k, v, bias, sinks,
+    consts``), block by block over the blocks the plan does not hide.
+
+    With ``p = exp(s - lse)`` the weights, ``z`` the dropout factors and ``ds`` the logits'
+    tangent: ``dlse = sum_j p ds + p_sink dsink`` and ``dout = sum_j p z (ds v + dv) -
+    dlse * out``. Query blocks and blocks are rematerialised, so the transpose (reverse
+    mode) recomputes the weights from block-sized inputs instead of storing them.
+    """
+    q, k, v, bias, sinks, consts, aux = primals
+    tq, tk, tv, tbias, tsinks, tconsts = tangents
     plan = aux[3]
-    delta = (d_out * out).sum(-1) - d_lse  # [b, h, g, q_pad]
-    inputs = (q, k, v, bias, out, lse, d_out, d_lse)
+    dv = v.shape[-1]
 
-    def one_query_block(carry, iq):
-        dk, dv, dbias = carry
-        q0 = iq * layout.block_q
-        q_blk = _query_block(q, iq, layout)
-        do_blk = _query_block(d_out, iq, layout)
+    @functools.partial(jax.checkpoint, static_argnums=(0,))
+    def terms(partial, blk, t_blk, consts, t_consts, lse_blk):
+        s, ds = jax.jvp(
+            _logits_fn(layout, blk), (blk.q, blk.k, blk.bias, consts), (*t_blk[:3], t_consts)
+        )
+        shown = _shown(layout, blk, aux, partial)
+        if shown is not None:
+            s = jnp.where(shown, s, blockwise.MASK_VALUE)
+        p = jnp.exp(s - lse_blk[..., None])
+        if shown is not None:
+            p = jnp.where(shown, p, 0.0)
+        keep = blockwise.block_keep(layout, aux[5], blk.q_tok, blk.k_tok)
+        applied = p if keep is None else p * keep
+        mm = functools.partial(blockwise.linear_matmul, layout, "bhgqk,bhkd->bhgqd")
+        return mm(applied * ds, blk.v) + mm(applied, t_blk[3]), (p * ds).sum(-1)
+
+    @jax.checkpoint
+    def one_query_block(iq, q, k, v, bias, consts, tq, tk, tv, tbias, tconsts, lse, out):
         lse_blk = _query_block(lse, iq, layout)
-        delta_blk = _query_block(delta, iq, layout)
 
-        def body(t, inner):
-            dq_blk, dk, dv, dbias = inner
+        def body(t, acc):
             jk = plan.order[iq, t]
-            k0 = jk * layout.block_k
-            k_blk, v_blk = _key_block(k, jk, layout), _key_block(v, jk, layout)
-            bias_blk = blockwise.block_bias(
-                layout, q0, k0, blockwise.slice_block(bias, q0, k0, layout)
-            )
-            s = blockwise.block_scores(layout, q_blk, k_blk, bias_blk)
-            ds, dq_part, dk_blk, dv_blk = blockwise.block_gradients(
-                layout,
-                s,
-                _visible(layout, aux, q0, k0),
-                q_blk,
-                k_blk,
-                v_blk,
-                do_blk,
-                lse_blk,
-                delta_blk,
-            )
-            dq_blk = dq_blk + dq_part
-            dk = jax.lax.dynamic_update_slice_in_dim(
-                dk, _key_block(dk, jk, layout) + dk_blk, k0, axis=2
-            )
-            dv = jax.lax.dynamic_update_slice_in_dim(
-                dv, _key_block(dv, jk, layout) + dv_blk, k0, axis=2
-            )
-            if dbias is not None:
-                dbias = jax.lax.dynamic_update_slice(dbias, ds, blockwise.block_start(q0, k0))
-            return dq_blk, dk, dv, dbias
+            blk = _slices(layout, q, k, v, bias, aux, iq, jk)
+            t_all = _slices(layout, tq, tk, tv, tbias, aux, iq, jk)
+            t_blk = (t_all.q, t_all.k, t_all.bias, t_all.v)
 
-        init = (_zeros(q_blk.shape, *inputs), dk, dv, dbias)
-        dq_blk, dk, dv, dbias = jax.lax.fori_loop(0, plan.count[iq], body, init)
-        return (dk, dv, dbias), dq_blk
+            def visible_block(acc, blk, t_blk):
+                t_values, t_lse = _by_class(
+                    plan, iq, jk, terms, blk, t_blk, consts, tconsts, lse_blk
+                )
+                return acc[0] + t_values, acc[1] + t_lse
 
-    init = (
-        _zeros(k.shape, *inputs),
-        _zeros(v.shape, *inputs),
-        None if bias is None else _zeros(bias.shape, *inputs),
+            skip = lambda acc, blk, t_blk: acc
+            return jax.lax.cond(t < plan.count[iq], visible_block, skip, acc, blk, t_blk)
+
+        stats = (*q.shape[:3], layout.block_q)
+        zeros = blockwise.zeros_like_inputs(stats, q, tq)
+        init = (jnp.zeros((*stats, dv), jnp.float32) + zeros[..., None], zeros)
+        t_values, t_lse = jax.lax.fori_loop(0, layout.num_k_blocks, body, init)
+        if sinks is not None:
+            t_lse = t_lse + jnp.exp(sinks - lse_blk) * tsinks
+        return t_values - t_lse[..., None] * _query_block(out, iq, layout), t_lse
+
+    t_out, t_lse = jax.lax.map(
+        lambda iq: one_query_block(iq, q, k, v, bias, consts, tq, tk, tv, tbias, tconsts, lse, out),
+        jnp.arange(layout.num_q_blocks, dtype=jnp.int32),
     )
-    (dk, dv, dbias), dq = jax.lax.scan(
-        one_query_block, init, jnp.arange(layout.num_q_blocks, dtype=jnp.int32)
-    )
-    batch, kv_heads, groups, _, dim = q.shape
-    dq = jnp.moveaxis(dq, 0, 3).reshape(batch, kv_heads, groups, -1, dim)
-    return dq, dk, dv, dbias
+    batch, kv_heads, groups = q.shape[:3]
+    t_out = jnp.moveaxis(t_out, 0, 3).reshape(batch, kv_heads, groups, -1, dv)
+    t_lse = jnp.moveaxis(t_lse, 0, 3).reshape(batch, kv_heads, groups, -1)
+    return t_out, t_lse
 
 
-_flash = blockwise.attention_with_vjp(_forward, _backward)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _flash(layout: BlockLayout, q, k, v, bias, sinks, consts, aux):
+    return _forward(layout, q, k, v, bias, sinks, consts, aux)
 
 
-@register("flash", capabilities={*TOKEN_VISIBILITY, "mask", "bias", "residual"})
+@_flash.defjvp
+def _flash_jvp(layout: BlockLayout, primals, tangents):
+    out, lse = _forward(layout, *primals)
+    t_out, t_lse = _tangent(layout, primals, tangents[:6], out, lse)
+    return (out, lse), (t_out, t_lse)
+
+
+@register("flash", capabilities=BLOCKWISE_FEATURES)
 def flash_attention(
-    call: AttentionCall,
-    *,
-    mask_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-    bias_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-    block_q: int = 512,
-    block_k: int = 256,
+    call: AttentionCall, *, block_q: int = 512, block_k: int = 256
 ) -> AttentionOutput:
-    """Exact attention in blocks, memory linear in sequence length (forward and backward),
-    skipping every block the visibility model hides; no dropout or returned weights.
+    """Exact attention in blocks, memory linear in sequence length (forward, backward and
+    forward-mode AD), skipping every block the visibility model or ``mask_fn`` hides; fused
+    dropout; no returned weights (``return_attention_mass`` gives their column sums).
 
     Options:
-      mask_fn, bias_fn: block-wise callables ``fn(q_idx [block_q, 1], k_idx [1, block_k])``
-        of array indices, returning ``[block_q, block_k]`` or ``[heads, block_q, block_k]``
-        (a boolean mask, or an additive bias, e.g. ALiBi): linear memory. No gradient flows
-        into them.
       block_q, block_k: block sizes (clipped to the lengths; lengths are padded up). The
         defaults were the fastest on a 2-core CPU at N=4096, head_dim 64.
     """
-    c = blockwise.canonicalize(
-        call, block_q=block_q, block_k=block_k, mask_fn=mask_fn, bias_fn=bias_fn
-    )
-    aux = (c.mask, c.q_tokens, c.k_tokens, blockwise.plan(c))
-    out, lse = _flash(c.layout, c.query, c.key, c.value, c.bias, aux)
+    c = blockwise.canonicalize(call, block_q=block_q, block_k=block_k, autodiff=True)
+    plan = blockwise.plan(c)
+    aux = (c.mask, c.q_tokens, c.k_tokens, plan, c.mask_consts, c.seed)
+    out, lse = _flash(c.layout, c.query, c.key, c.value, c.bias, c.sinks, c.score_consts, aux)
     residual = blockwise.restore_lse(lse, c) if call.return_residual else None
-    return AttentionOutput(blockwise.restore(out, c), residual)
+    mass = None
+    if call.return_attention_mass:
+        mass = blockwise.restore_mass(blockwise.key_mass(c, plan, lse), c)
+    return AttentionOutput(blockwise.restore(out, c), residual, mass=mass)

@@ -137,6 +137,9 @@ def softmax_attention(
     value: np.ndarray,
     allowed: np.ndarray,
     d_out: np.ndarray | None = None,
+    *,
+    sinks: np.ndarray | None = None,
+    dropout: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Softmax over visible keys and the weighted sum of values, with its backward.
 
@@ -145,28 +148,46 @@ def softmax_attention(
       value: ``[batch..., kv_len, kv_heads, v_dim]``.
       allowed: boolean, same shape as ``logits``.
       d_out: ``[batch..., q_len, heads, v_dim]`` output cotangent.
+      sinks: ``[heads]`` sink logits: ``exp(sink)`` joins every row's denominator.
+      dropout: factors (``keep / (1 - rate)``) on the weights that reach the values.
 
     Returns:
-      ``out``, ``weights``, ``lse`` (``[batch..., q_len, heads]``, ``-inf`` for empty rows),
-      and with ``d_out``: ``d_logits`` and ``d_value``.
+      ``out``, ``weights`` (before dropout), ``lse`` (``[batch..., q_len, heads]``,
+      ``-inf`` for empty rows without a sink), and with ``d_out``: ``d_logits``,
+      ``d_value`` and, with ``sinks``, ``d_sinks``.
     """
     heads, kv_heads = logits.shape[-3], value.shape[-2]
     visible_logits = np.where(allowed, logits, -np.inf)
     any_visible = allowed.any(-1, keepdims=True)
     row_max = np.where(any_visible, visible_logits.max(-1, keepdims=True, initial=-np.inf), 0.0)
+    sink = None
+    if sinks is not None:
+        sink = np.broadcast_to(np.asarray(sinks, np.float64)[:, None, None], row_max.shape)
+        row_max = np.where(any_visible, np.maximum(row_max, sink), sink)
+        any_visible = np.ones_like(any_visible)
     exp = np.where(allowed, np.exp(np.where(allowed, logits - row_max, 0.0)), 0.0)
     total = exp.sum(-1, keepdims=True)
+    if sink is not None:
+        total = total + np.exp(sink - row_max)
     weights = exp / np.where(any_visible, total, 1.0)
     with np.errstate(divide="ignore"):
         lse = np.where(any_visible, row_max + np.log(np.where(any_visible, total, 1.0)), -np.inf)
     values = _repeat_kv(value, heads)  # [batch..., kv_len, heads, v_dim]
-    out = np.einsum("...hqk,...khd->...qhd", weights, values)
+    applied = weights if dropout is None else weights * dropout
+    out = np.einsum("...hqk,...khd->...qhd", applied, values)
     result = {"out": out, "weights": weights, "lse": np.moveaxis(lse[..., 0], -2, -1)}
     if d_out is not None:
         d_weights = np.einsum("...qhd,...khd->...hqk", d_out, values)
+        if dropout is not None:
+            d_weights = d_weights * dropout
         d_logits = weights * (d_weights - (d_weights * weights).sum(-1, keepdims=True))
-        d_values = np.einsum("...hqk,...qhd->...khd", weights, d_out)
+        d_values = np.einsum("...hqk,...qhd->...khd", applied, d_out)
         result.update(d_logits=d_logits, d_value=_sum_groups(d_values, kv_heads))
+        if sink is not None:
+            p_sink = np.exp(sink - lse)[..., 0]  # [batch..., heads, q_len]
+            row = (d_weights * weights).sum(-1)  # d_out . out
+            d_sinks = -(p_sink * row)
+            result["d_sinks"] = d_sinks.reshape(-1, heads, d_sinks.shape[-1]).sum((0, 2))
     return result
 
 
@@ -193,33 +214,112 @@ def dot_product_attention(
     d_out=None,
     return_weights=False,
     return_residual=False,
+    return_attention_mass=False,
+    score_fn=None,
+    mask_fn=None,
+    logits_soft_cap=None,
+    sinks=None,
+    dropout_factors=None,
     **mask_kwargs,
 ):
-    """Reference for :func:`attn_jax.kernels.dot_product_attention` (no dropout).
+    """Reference for :func:`attn_jax.kernels.dot_product_attention`.
+
+    ``score_fn`` and ``mask_fn`` are evaluated in float64 (under ``jax.
+    enable_x64(True)``) on the dense index grids; ``dropout_factors`` (``keep / (1 - rate)``,
+    ``[batch..., heads, q_len, kv_len]``) is a given dropout realisation.
 
     Returns the outputs as the kernel does; with ``d_out``, returns ``(outputs, grads)``
-    where ``grads`` is a dict with ``query``, ``key``, ``value`` and ``bias`` (if given).
+    where ``grads`` is a dict with ``query``, ``key``, ``value``, ``bias`` (if given),
+    ``sinks`` (if given) and ``scores``: the gradient with respect to ``score_fn``'s output
+    (the logits before the soft cap), from which that of its parameters follows.
     """
     q, k, v, b = f64(query), f64(key), f64(value), f64(bias)
     heads = q.shape[-2]
+    *batch_shape, q_len, _, _ = q.shape
+    kv_len = k.shape[-3]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     keys = _repeat_kv(k, heads)
     logits = np.einsum("...qhd,...khd->...hqk", q, keys) * scale
     if b is not None:
         logits = logits + b
-    allowed = _allowed(q.shape, k.shape[-3], {"mask": mask, **mask_kwargs})
-    res = softmax_attention(logits, v, allowed, f64(d_out))
+    allowed = _allowed(q.shape, kv_len, {"mask": mask, **mask_kwargs})
+    grid = _index_grid(batch_shape, heads, q_len, kv_len, mask_kwargs)
+    d_score_fn = None
+    if score_fn is not None:
+        logits, d_score_fn = _score_fn_f64(score_fn, logits, grid)
+    d_cap = np.ones_like(logits)
+    if logits_soft_cap is not None:
+        capped = logits_soft_cap * np.tanh(logits / logits_soft_cap)
+        d_cap = 1.0 - np.tanh(logits / logits_soft_cap) ** 2
+        logits = capped
+    if mask_fn is not None:
+        allowed = allowed & np.broadcast_to(_jax_f64(mask_fn, *grid).astype(bool), allowed.shape)
+    res = softmax_attention(
+        logits, v, allowed, f64(d_out), sinks=f64(sinks), dropout=f64(dropout_factors)
+    )
     outputs = _outputs(res, return_weights, return_residual)
+    if return_attention_mass:
+        mass = res["weights"].sum(-2)
+        outputs = (*outputs, mass) if isinstance(outputs, tuple) else (outputs, mass)
     if d_out is None:
         return outputs
-    ds = res["d_logits"]
+    d_scores = res["d_logits"] * d_cap  # gradient at score_fn's output
+    ds = d_scores if d_score_fn is None else d_score_fn(d_scores)
     grads = {
         "query": scale * np.einsum("...hqk,...khd->...qhd", ds, keys),
         "key": _sum_groups(scale * np.einsum("...hqk,...qhd->...khd", ds, q), k.shape[-2]),
         "value": res["d_value"],
         "bias": None if b is None else _unbroadcast(ds, b.shape),
+        "scores": d_scores,
     }
+    if sinks is not None:
+        grads["sinks"] = res["d_sinks"]
     return outputs, grads
+
+
+def _index_grid(batch_shape, heads, q_len, kv_len, mask_kwargs) -> tuple[np.ndarray, ...]:
+    """``(batch, head, q_pos, kv_pos)`` int arrays broadcasting to ``[batch..., heads, q_len,
+    kv_len]``: flattened batch index, head, and the positions of the visibility model."""
+    batch_shape = tuple(batch_shape)
+    offset = kv_len - q_len if mask_kwargs.get("causal_alignment") != "top_left" else 0
+    q_pos = mask_kwargs.get("query_positions")
+    k_pos = mask_kwargs.get("key_value_positions")
+    q_pos = np.arange(q_len) + offset if q_pos is None else np.asarray(q_pos)
+    k_pos = np.arange(kv_len) if k_pos is None else np.asarray(k_pos)
+    q_pos = np.broadcast_to(q_pos, (*batch_shape, q_len))[..., None, :, None]
+    k_pos = np.broadcast_to(k_pos, (*batch_shape, kv_len))[..., None, None, :]
+    batch = np.arange(int(np.prod(batch_shape))).reshape(*batch_shape, 1, 1, 1)
+    head = np.arange(heads).reshape(*(1,) * len(batch_shape), heads, 1, 1)
+    return batch, head, q_pos.astype(np.int64), k_pos.astype(np.int64)
+
+
+def _jax_f64(fn, *args):
+    """``fn(*args)`` (a jnp function) evaluated in float64, as a NumPy array."""
+    import jax.numpy as jnp
+    from jax import enable_x64
+
+    with enable_x64(True):
+        return np.asarray(fn(*(jnp.asarray(a) for a in args)))
+
+
+def _score_fn_f64(score_fn, logits: np.ndarray, grid):
+    """``score_fn(logits, *grid)`` in float64, and the map of a gradient at its output to
+    the gradient at its input ``logits`` (its vector-Jacobian product)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import enable_x64
+
+    with enable_x64(True):
+        args = [jnp.asarray(a) for a in grid]
+        modify = lambda s: jnp.broadcast_to(score_fn(s, *args), s.shape)
+        out, vjp = jax.vjp(modify, jnp.asarray(logits))
+        out = np.asarray(out, np.float64)
+
+    def backward(g: np.ndarray) -> np.ndarray:
+        with enable_x64(True):
+            return np.asarray(vjp(jnp.asarray(g))[0], np.float64)
+
+    return out, backward
 
 
 def additive_attention(

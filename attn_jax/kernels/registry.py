@@ -44,6 +44,7 @@ import numpy as np
 from attn_jax.kernels.checks import UnsupportedArgumentError
 
 __all__ = [
+    "BLOCKWISE_FEATURES",
     "DECODE_FORMS",
     "EVERY_FEATURE",
     "TOKEN_VISIBILITY",
@@ -69,12 +70,40 @@ CAPABILITY_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "dropout": ("dropout_rate",),
     "weights": ("return_weights",),
     "residual": ("return_residual",),
+    "score_fn": ("score_fn",),
+    "mask_fn": ("mask_fn",),
+    "soft_cap": ("logits_soft_cap",),
+    "sinks": ("sinks",),
+    "mass": ("return_attention_mass",),
 }
 # What every kernel that reads the visibility model's tokens (positions, validity, segment
 # ids) supports: with a dense mask and bias too, a kernel supports every visibility feature.
 TOKEN_VISIBILITY = frozenset({"causal", "window", "seq_lengths", "segments", "positions", "gqa"})
 # Everything an exact kernel can support (the reference kernel's set).
-EVERY_FEATURE = TOKEN_VISIBILITY | {"mask", "bias", "dropout", "weights", "residual"}
+EVERY_FEATURE = TOKEN_VISIBILITY | {
+    "mask",
+    "bias",
+    "dropout",
+    "weights",
+    "residual",
+    "score_fn",
+    "mask_fn",
+    "soft_cap",
+    "sinks",
+    "mass",
+}
+# What the exact blockwise kernels (flash, chunked, ring) support besides the tokens.
+BLOCKWISE_FEATURES = TOKEN_VISIBILITY | {
+    "mask",
+    "bias",
+    "dropout",
+    "residual",
+    "score_fn",
+    "mask_fn",
+    "soft_cap",
+    "sinks",
+    "mass",
+}
 # How a model layer decodes with the kernel: a KV cache it reads with query positions, a
 # rolling cache of the last ``left + 1`` positions (sliding window), or a recurrent state.
 DECODE_FORMS = ("kv_cache", "rolling_cache", "recurrent")
@@ -97,6 +126,11 @@ class Capabilities:
       gqa: fewer key/value heads than query heads (grouped- or multi-query attention).
       weights: ``return_weights=True`` returns ``[batch..., heads, q_len, kv_len]`` weights.
       residual: ``return_residual=True`` returns the log-sum-exp ``[batch..., q_len, heads]``.
+      score_fn: ``score_fn(score, batch, head, q_pos, kv_pos)`` modifies the logits.
+      mask_fn: ``mask_fn(batch, head, q_pos, kv_pos)`` hides pairs.
+      soft_cap: ``logits_soft_cap=cap``.
+      sinks: ``sinks=`` per-head sink logits.
+      mass: ``return_attention_mass=True`` returns ``[batch..., heads, kv_len]``.
       exact: computes softmax attention exactly (up to floating point); approximate
         kernels (linear, random features) set this to ``False``.
       interface: calling convention. ``"dot_product"`` kernels share the signature of
@@ -119,6 +153,11 @@ class Capabilities:
     gqa: bool = False
     weights: bool = False
     residual: bool = False
+    score_fn: bool = False
+    mask_fn: bool = False
+    soft_cap: bool = False
+    sinks: bool = False
+    mass: bool = False
     exact: bool = True
     interface: str = "dot_product"
     decode: str = "kv_cache"

@@ -135,6 +135,8 @@ def attend(
     return_weights: bool = False,
     return_residual: bool = False,
     every_row_visible: bool = False,
+    sinks: jax.Array | None = None,
+    return_mass: bool = False,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """Masked float32 softmax over keys, dropout, and the weighted sum of values.
 
@@ -151,19 +153,27 @@ def attend(
         (a large finite negative for fully-masked rows).
       every_row_visible: the caller knows every query row sees at least one key through
         ``mask``: rows need no zeroing (one pass over the weights less).
+      sinks: ``[heads]`` float32 sink logits: one more logit per row, with no value.
+      return_mass: also return the weights summed over queries, ``[batch..., heads,
+        kv_len]`` float32.
 
     Returns:
-      ``[batch..., q_len, heads, v_head_dim]`` output, followed by the weights and/or the
-      residual when asked for.
+      ``[batch..., q_len, heads, v_head_dim]`` output, followed by the weights, the
+      residual and the mass, those asked for.
     """
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, MASK_VALUE)
+    if sinks is not None:  # the sink is one more column, dropped after the softmax
+        sink_column = jnp.broadcast_to(sinks[:, None, None], (*logits.shape[:-1], 1))
+        logits = jnp.concatenate([logits, sink_column.astype(jnp.float32)], axis=-1)
     # jax.nn.softmax: its custom derivative is one fused pass (a hand-written
     # exp / sum / divide differentiates into several).
     weights = jax.nn.softmax(logits, axis=-1)
+    if sinks is not None:
+        weights = weights[..., :-1]
     zero_rows = mask is not None and not every_row_visible
     if zero_rows:
         visible = jnp.any(mask, axis=-1, keepdims=True)
@@ -179,22 +189,70 @@ def attend(
         extras.append(weights)
     if return_residual:
         lse = jax.nn.logsumexp(logits, axis=-1)
-        if zero_rows:
+        if zero_rows and sinks is None:
             lse = jnp.where(visible[..., 0], lse, MASK_VALUE)
         extras.append(jnp.moveaxis(lse, -2, -1))
+    if return_mass:
+        extras.append(jax.lax.stop_gradient(weights).sum(-2))
     return (out, *extras) if extras else out
 
 
+def score_indices(call: AttentionCall) -> tuple[jax.Array, ...]:
+    """``(batch, head, q_pos, kv_pos)`` int32 arrays that broadcast to the dense logits
+    ``[*batch, heads, q_len, kv_len]`` of ``call``: what ``score_fn`` / ``mask_fn`` get."""
+    batch_shape = call.batch_shape
+    rank = len(batch_shape)
+    q_tok, k_tok = call.visibility.tokens()
+    batch = jnp.arange(int(np.prod(batch_shape)), dtype=jnp.int32).reshape(*batch_shape, 1, 1, 1)
+    head = jnp.arange(call.heads, dtype=jnp.int32).reshape(*(1,) * rank, -1, 1, 1)
+    q_pos = q_tok.positions[..., None, :, None]
+    kv_pos = k_tok.positions[..., None, None, :]
+    return batch, head, q_pos, kv_pos
+
+
+def final_logits(call: AttentionCall, logits: jax.Array) -> jax.Array:
+    """``logits`` (float32 ``q . k * scale``) plus the bias, through ``score_fn`` and the
+    soft cap: the logits the softmax of ``call`` takes (before masking)."""
+    if call.bias is not None:
+        logits = logits + call.bias.astype(jnp.float32)
+    if call.score_fn is not None:
+        logits = call.score_fn(logits, *score_indices(call)).astype(jnp.float32)
+        logits = jnp.broadcast_to(logits, (*call.batch_shape, call.heads, *logits.shape[-2:]))
+    return soft_cap(logits, call.logits_soft_cap)
+
+
+def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(logits / cap)`` (``cap=None``: ``logits``)."""
+    if cap is None:
+        return logits
+    return jnp.float32(cap) * jnp.tanh(logits / jnp.float32(cap))
+
+
+def dense_visibility(call: AttentionCall) -> jax.Array | None:
+    """The dense boolean mask of ``call``: its visibility and ``mask_fn``."""
+    mask = call.visibility.dense_mask()
+    if call.mask_fn is None:
+        return mask
+    shown = call.mask_fn(*score_indices(call))
+    if not jnp.issubdtype(jnp.asarray(shown).dtype, jnp.bool_):
+        checks.fail("mask_fn", f"must return booleans, got dtype {jnp.asarray(shown).dtype}")
+    return shown if mask is None else mask & shown
+
+
 def attend_call(call: AttentionCall, logits: jax.Array, value: jax.Array) -> AttentionOutput:
-    """:func:`attend` with the bias, visibility (as a dense mask), dropout, dtypes and
-    requested outputs of a validated ``call``."""
+    """:func:`attend` with the bias, score function, soft cap, visibility (as a dense mask),
+    sinks, dropout, dtypes and requested outputs of a validated ``call``."""
     from attn_jax.kernels.api import AttentionOutput
 
+    mask = dense_visibility(call)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (*mask.shape[:-2], *logits.shape[-2:]))
     outputs = attend(
-        logits,
+        final_logits(call, logits),
         value,
-        bias=call.bias,
-        mask=call.visibility.dense_mask(),
+        mask=mask,
+        sinks=call.sinks,
+        return_mass=call.return_attention_mass,
         dropout_rate=call.dropout_rate,
         dropout_rng=call.dropout_rng,
         broadcast_dropout=call.broadcast_dropout,
@@ -202,12 +260,13 @@ def attend_call(call: AttentionCall, logits: jax.Array, value: jax.Array) -> Att
         precision=call.precision,
         return_weights=call.return_weights,
         return_residual=call.return_residual,
-        every_row_visible=call.visibility.every_query_sees_a_key,
+        every_row_visible=call.visibility.every_query_sees_a_key and call.mask_fn is None,
     )
     out, *extras = outputs if isinstance(outputs, tuple) else (outputs,)
     weights = extras.pop(0) if call.return_weights else None
     residual = extras.pop(0) if call.return_residual else None
-    return AttentionOutput(out, residual, weights)
+    mass = extras.pop(0) if call.return_attention_mass else None
+    return AttentionOutput(out, residual, weights, mass)
 
 
 def logits_shape(

@@ -69,11 +69,14 @@ class Tokens:
       positions: int32 positions within the sequence.
       valid: bool, ``False`` for padding (``None``: all valid).
       segment_ids: int32 segment ids (``None``: one segment).
+      index: int32 sequence indices ``[1 or B, n]`` (blockwise kernels: where each token
+        sits in the whole sequence, which locates fused dropout), or ``None``.
     """
 
     positions: jax.Array
     valid: jax.Array | None = None
     segment_ids: jax.Array | None = None
+    index: jax.Array | None = None
 
     def map(self, fn) -> Tokens:
         """Applies ``fn`` to every array (``None`` stays ``None``)."""

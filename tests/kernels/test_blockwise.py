@@ -80,16 +80,24 @@ def test_causal_window_padding_and_segments_hide_whole_blocks():
     assert _visited(segments=segments, is_causal=True, window=None) == (12, 4)
 
 
-def test_flash_blockwise_callables_match_dense_arrays():
+def test_score_and_mask_functions_match_dense_arrays():
     (q, k, v, _), _ = cf.make_inputs(cf.Case("c", q_len=9, kv_len=11, heads=4), jnp.float32)
-    alibi = lambda i, j: -0.3 * jnp.abs(i - j).astype(jnp.float32) * jnp.arange(1, 5)[:, None, None]
-    stripes = lambda i, j: (i + j) % 3 != 0
-    i, j = jnp.arange(9)[:, None], jnp.arange(11)[None, :]
-    dense = kernels.dot_product_attention(q, k, v, bias=alibi(i, j), mask=stripes(i, j))
-    flash = kernels.flash_attention(q, k, v, bias_fn=alibi, mask_fn=stripes, block_q=4, block_k=4)
-    np.testing.assert_allclose(flash, dense, atol=1e-6)
-    with pytest.raises(ValueError, match="bias_fn"):
-        kernels.flash_attention(q, k, v, bias_fn=lambda i, j: jnp.zeros((2, 2, 2, 2)))
+    slopes = jnp.arange(1, 5, dtype=jnp.float32)
+    alibi = lambda s, b, h, qp, kp: s - 0.3 * slopes[h] * jnp.abs(qp - kp)
+    stripes = lambda b, h, qp, kp: (qp + kp + b) % 3 != 0
+    qp, kp = (jnp.arange(9) + 2)[:, None], jnp.arange(11)[None, :]  # bottom-right positions
+    bias = -0.3 * slopes[:, None, None] * jnp.abs(qp - kp)
+    mask = jnp.stack([(qp + kp + b) % 3 != 0 for b in range(2)])[:, None]
+    dense = kernels.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    for name, options in (("flash", dict(block_q=4, block_k=4)), ("chunked", {})):
+        out = kernels.dot_product_attention(
+            q, k, v, score_fn=alibi, mask_fn=stripes, implementation=name, **options
+        )
+        np.testing.assert_allclose(out, dense, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="mask_fn"):
+        kernels.flash_attention(q, k, v, mask_fn=lambda b, h, qp, kp: qp * 1.0)
+    with pytest.raises(ValueError, match="score_fn"):
+        kernels.flash_attention(q, k, v, score_fn="alibi")
 
 
 def test_flash_residual_and_its_gradient_match_dot_product():
