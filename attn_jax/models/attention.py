@@ -69,6 +69,10 @@ class MultiHeadAttention(nn.Module):
         with ``inputs_kv=None``.
       rope: rotate queries and keys with RoPE (self-attention).
       dropout_rate: dropout on the attention weights (needs a ``'dropout'`` rng).
+      logits_soft_cap: ``cap``: logits become ``cap * tanh(logits / cap)`` (Gemma 2).
+      sinks: attention sinks: ``"none"``, ``"learned"`` (a ``sinks [num_heads]`` logit
+        parameter, initialised to 0) or ``"plus_one"`` (a fixed zero logit: "softmax + 1").
+        Decoding from the cache keeps them.
       use_bias: biases in the projections.
       dtype: compute dtype (default: the inputs'); param_dtype: parameter dtype.
     """
@@ -83,6 +87,8 @@ class MultiHeadAttention(nn.Module):
     cross_attention: bool = False
     rope: bool = False
     dropout_rate: float = 0.0
+    logits_soft_cap: float | None = None
+    sinks: str = "none"
     use_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -90,6 +96,26 @@ class MultiHeadAttention(nn.Module):
     def __post_init__(self):
         object.__setattr__(self, "attention_kwargs", freeze_kwargs(self.attention_kwargs))
         super().__post_init__()
+
+    def _features(self) -> dict[str, Any]:
+        """The kernel arguments of the soft cap and the sinks."""
+        if self.sinks not in SINKS:
+            raise ValueError(
+                f"MultiHeadAttention: attribute 'sinks' must be one of {SINKS}, got {self.sinks!r}"
+            )
+        features: dict[str, Any] = {}
+        if self.logits_soft_cap is not None:
+            features["logits_soft_cap"] = self.logits_soft_cap
+        if self.sinks == "learned":
+            features["sinks"] = self.param("sinks", nn.initializers.zeros, (self.num_heads,))
+        elif self.sinks == "plus_one":
+            features["sinks"] = 0.0
+        if features and callable(self.attention):
+            raise ValueError(
+                "MultiHeadAttention: logits_soft_cap and sinks need a registered kernel, "
+                "not an attention_fn callable"
+            )
+        return features
 
     def _spec(self) -> kernels.KernelSpec | None:
         """The registered kernel, or ``None`` for a callable."""
@@ -166,7 +192,7 @@ class MultiHeadAttention(nn.Module):
         )
         query = dense(self.num_heads, "query")(inputs_q)
         key_layer, value_layer = dense(kv_heads, "key"), dense(kv_heads, "value")
-        options = dict(self.attention_kwargs or {})
+        options = {**dict(self.attention_kwargs or {}), **self._features()}
         if spec is not None and "projection" in spec.options and "projection" not in options:
             options["projection"] = self._random_features(options, head_dim)
 
@@ -391,6 +417,9 @@ class MultiHeadAttention(nn.Module):
         # hides tokens (which may be padding the caller marked by the mask alone).
         return self._attend(spec, query, keys, values, mask, request, options, True, False,
                             finite_kv_padding=mask is None)  # fmt: skip
+
+
+SINKS = ("none", "learned", "plus_one")
 
 
 def _honours(caps: kernels.Capabilities, request: dict[str, Any]) -> bool:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from attn_jax import kernels
-from attn_jax.models.attention import MultiHeadAttention, freeze_kwargs
+from attn_jax.models.attention import SINKS, MultiHeadAttention, freeze_kwargs
 from attn_jax.models.layer_stack import check_layer_options
 from attn_jax.models.positions import (
     POSITION_KINDS,
@@ -48,7 +48,11 @@ class TransformerOptions:
         self-attention only.
       positions: ``"learned"``, ``"sinusoidal"``, ``"rope"`` or ``"none"``.
       max_len: longest sequence (learned positions; decode cache default).
-      dropout_rate: residual/embedding dropout; attention_dropout_rate: on the weights.
+      dropout_rate: residual/embedding dropout; attention_dropout_rate: on the weights
+        (fused into ``flash`` and ``chunked``).
+      logits_soft_cap: ``cap * tanh(logits / cap)`` on every attention logit, or ``None``.
+      attention_sinks: ``"none"``, ``"learned"`` (one sink logit per head and layer) or
+        ``"plus_one"`` ("softmax + 1").
       dtype: compute dtype; param_dtype: parameter dtype.
       scan_layers: run the layers as one ``nn.scan`` (compiled once, whatever the depth)
         instead of a Python loop. The parameters are then those of one module ``layers``
@@ -78,6 +82,8 @@ class TransformerOptions:
     max_len: int = 512
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    logits_soft_cap: float | None = None
+    attention_sinks: str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
@@ -97,7 +103,26 @@ def check_options(options: TransformerOptions) -> None:
             f"options.attention: {options.attention!r} is a {spec.capabilities.interface!r} "
             "kernel; Transformer layers need a dot_product kernel"
         )
+    wanted = {
+        "logits_soft_cap": ("soft_cap", options.logits_soft_cap is not None),
+        "attention_sinks": ("sinks", options.attention_sinks != "none"),
+        "attention_dropout_rate": ("dropout", options.attention_dropout_rate > 0.0),
+    }
+    for field, (capability, asked) in wanted.items():
+        if asked and not getattr(spec.capabilities, capability):
+            raise ValueError(
+                f"options.{field}: kernel {options.attention!r} does not support it; "
+                f"kernels that do: {_kernels_with(capability)}"
+            )
     _check_sizes(options)
+
+
+def _kernels_with(capability: str) -> list[str]:
+    return [
+        n
+        for n in kernels.available(interface="dot_product")
+        if getattr(kernels.capabilities(n), capability)
+    ]
 
 
 def _check_sizes(options: TransformerOptions) -> None:
@@ -122,6 +147,15 @@ def _check_sizes(options: TransformerOptions) -> None:
         raise ValueError(
             f"options.num_heads ({options.num_heads}) must be a multiple of "
             f"options.num_kv_heads ({kv_heads})"
+        )
+    if options.attention_sinks not in SINKS:
+        raise ValueError(
+            f"options.attention_sinks: expected one of {SINKS}, got {options.attention_sinks!r}"
+        )
+    cap = options.logits_soft_cap
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or cap <= 0):
+        raise ValueError(
+            f"options.logits_soft_cap: expected None or a positive number, got {cap!r}"
         )
     for name in ("dropout_rate", "attention_dropout_rate"):
         if not 0.0 <= getattr(options, name) < 1.0:
@@ -205,6 +239,8 @@ def _attention(
         cross_attention=cross,
         rope=rope,
         dropout_rate=o.attention_dropout_rate,
+        logits_soft_cap=o.logits_soft_cap,
+        sinks=o.attention_sinks,
         dtype=o.dtype,
         param_dtype=o.param_dtype,
         name=name,

@@ -61,7 +61,26 @@ def _variants():
 def test_lm_decoding_equals_the_full_forward_pass(kernel, positions, window):
     model = models.TransformerLM(VOCAB, _options(kernel, positions=positions, window=window))
     tokens = _tokens((2, 12))
+    _check_decoding(model, tokens, _init(model, tokens))
+
+
+@pytest.mark.parametrize("sinks", ["learned", "plus_one"])
+@pytest.mark.parametrize("kernel", ["dot_product", "flash", "chunked"])
+def test_decoding_keeps_soft_cap_and_sinks(kernel, sinks):
+    options = _options(kernel, positions="rope", logits_soft_cap=2.0, attention_sinks=sinks)
+    model = models.TransformerLM(VOCAB, options)
+    tokens = _tokens((2, 12))
     params = _init(model, tokens)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    assert any("sinks" in p for p in paths) == (sinks == "learned")
+    # Sinks away from their zero initialisation, so that decoding must carry them.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 1.5 if "sinks" in jax.tree_util.keystr(p) else x, params
+    )
+    _check_decoding(model, tokens, params)
+
+
+def _check_decoding(model, tokens, params):
     full = np.asarray(jax.jit(model.apply)({"params": params}, tokens))
     step = jax.jit(
         lambda cache, tokens, lengths: model.apply(

@@ -257,6 +257,8 @@ def test_encoder_decoder_beam_size_one_equals_greedy():
         ("num_kv_heads", 3, "options.num_heads"),
         ("dropout_rate", 1.5, "options.dropout_rate"),
         ("mlp_dim", -1, "options.mlp_dim"),
+        ("attention_sinks", "many", "options.attention_sinks"),
+        ("logits_soft_cap", -2.0, "options.logits_soft_cap"),
     ],
 )
 def test_bad_options_name_the_field(field, value, message):
@@ -284,3 +286,46 @@ def test_dropout_is_keyed_and_reproducible():
     np.testing.assert_array_equal(run(1), run(1))
     assert not np.allclose(run(1), run(2))
     assert not np.allclose(run(1), model.apply({"params": params}, tokens))
+
+
+@pytest.mark.parametrize("field, value", [("logits_soft_cap", 5.0), ("attention_sinks", "learned")])
+def test_kernels_without_a_feature_are_refused_by_name(field, value):
+    options = dataclasses.replace(_options(), attention="linear", **{field: value})
+    with pytest.raises(ValueError, match=f"options.{field}.*flash"):
+        models.TransformerLM(VOCAB, options).init(jax.random.key(0), _tokens((1, 4)))
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        n
+        for n in kernels.available(exact=True)
+        if kernels.capabilities(n).dropout and kernels.capabilities(n).interface == "dot_product"
+    ],
+)
+def test_attention_dropout_trains_on_every_exact_kernel_that_fuses_it(kernel):
+    options = _options(
+        attention=kernel,
+        attention_dropout_rate=0.3,
+        logits_soft_cap=10.0,
+        attention_sinks="learned",
+    )
+    model = models.TransformerLM(VOCAB, options)
+    tokens = _tokens((2, 6))
+    params = _init(model, tokens)
+
+    def loss(params, seed):
+        logits = model.apply(
+            {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(seed)}
+        )
+        return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    grad = jax.jit(jax.grad(loss))
+    g1, g1_again, g2 = grad(params, 1), grad(params, 1), grad(params, 2)
+    leaves = jax.tree.leaves(g1)
+    assert all(np.isfinite(x).all() for x in leaves)
+    for a, b in zip(leaves, jax.tree.leaves(g1_again), strict=True):
+        np.testing.assert_array_equal(a, b)
+    sinks = [g for p, g in jax.tree_util.tree_leaves_with_path(g1) if "sinks" in str(p)]
+    assert sinks and all(np.abs(s).max() > 0 for s in sinks)
+    assert not all(np.allclose(a, b) for a, b in zip(leaves, jax.tree.leaves(g2), strict=True))
