@@ -73,6 +73,11 @@ class MultiHeadAttention(nn.Module):
       sinks: attention sinks: ``"none"``, ``"learned"`` (a ``sinks [num_heads]`` logit
         parameter, initialised to 0) or ``"plus_one"`` (a fixed zero logit: "softmax + 1").
         Decoding from the cache keeps them.
+      kv_budget, kv_recent: H2O-style eviction when decoding from a KV cache (Zhang et al.
+        2023): each sequence keeps at most ``kv_budget`` cached tokens, its ``kv_recent``
+        latest and the heaviest hitters by accumulated attention mass (summed over the
+        queries so far and the heads, ``return_attention_mass``); evicted tokens are
+        hidden from every later query. ``None``: keep everything.
       use_bias: biases in the projections.
       dtype: compute dtype (default: the inputs'); param_dtype: parameter dtype.
     """
@@ -89,6 +94,8 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     logits_soft_cap: float | None = None
     sinks: str = "none"
+    kv_budget: int | None = None
+    kv_recent: int = 0
     use_bias: bool = False
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -273,10 +280,12 @@ class MultiHeadAttention(nn.Module):
         deterministic: bool,
         sow_weights: bool,
         finite_kv_padding: bool = False,
-    ) -> jax.Array:
+        return_mass: bool = False,
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Calls the kernel with the visibility arguments in the form it takes
         (``finite_kv_padding``: the keys and values no query sees are known finite, e.g.
-        a decoding cache's)."""
+        a decoding cache's; ``return_mass``: also the attention mass ``[batch, heads,
+        kv_len]``)."""
         request = dict(request)
         options = dict(options)
         for name in VISIBILITY_KWARGS:
@@ -304,6 +313,8 @@ class MultiHeadAttention(nn.Module):
             request["mask"] = mask
         if finite_kv_padding and spec.core is not None:  # front-end kernels take the hint
             request["finite_kv_padding"] = True
+        if return_mass:
+            request["return_attention_mass"] = True
         if sow_weights:
             if not caps.weights:
                 raise ValueError(
@@ -342,6 +353,14 @@ class MultiHeadAttention(nn.Module):
             shape = lambda x: (batch, x.shape[2], slots, x.shape[3])
         self.variable("cache", "cached_key", jnp.zeros, shape(key), key.dtype)
         self.variable("cache", "cached_value", jnp.zeros, shape(value), value.dtype)
+        if self.kv_budget is not None:
+            if form != "kv_cache":
+                raise ValueError(
+                    f"MultiHeadAttention: kv_budget needs a kernel that decodes from a KV "
+                    f"cache; {self.attention!r} decodes from a {form!r}"
+                )
+            self.variable("cache", "cache_mass", jnp.zeros, (batch, slots), jnp.float32)
+            self.variable("cache", "evicted", jnp.zeros, (batch, slots), bool)
 
     def _cross_cache(self, key, value):
         """Cross-attention keys/values: computed from the memory once, then read."""
@@ -415,11 +434,39 @@ class MultiHeadAttention(nn.Module):
             request["key_value_seq_lengths"] = start + count
         # What no query sees is then the cache's zeros or earlier real tokens, unless a mask
         # hides tokens (which may be padding the caller marked by the mask alone).
-        return self._attend(spec, query, keys, values, mask, request, options, True, False,
-                            finite_kv_padding=mask is None)  # fmt: skip
+        finite = mask is None
+        if self.kv_budget is None or form != "kv_cache":
+            return self._attend(spec, query, keys, values, mask, request, options, True, False,
+                                finite_kv_padding=finite)  # fmt: skip
+        evicted = self.variable("cache", "evicted")
+        kept = ~evicted.value[:, None, None, :]
+        mask = kept if mask is None else mask & kept
+        out, mass = self._attend(spec, query, keys, values, mask, request, options, True,
+                                 False, finite_kv_padding=finite, return_mass=True)  # fmt: skip
+        total = self.variable("cache", "cache_mass")
+        total.value = total.value + mass.sum(1)
+        evicted.value = heavy_hitter_evictions(
+            total.value, evicted.value, start + count, self.kv_budget, self.kv_recent
+        )
+        return out
 
 
 SINKS = ("none", "learned", "plus_one")
+
+
+def heavy_hitter_evictions(
+    mass: jax.Array, evicted: jax.Array, lengths: jax.Array, budget: int, recent: int
+) -> jax.Array:
+    """H2O's policy: ``evicted [batch, slots]`` after evicting, from each sequence's
+    ``lengths`` cached tokens, all but its ``recent`` latest and the ``budget - recent``
+    kept ones of largest accumulated ``mass [batch, slots]``."""
+    slots = jnp.arange(mass.shape[1], dtype=jnp.int32)[None, :]
+    valid = slots < lengths[:, None]
+    latest = slots >= lengths[:, None] - recent
+    candidates = valid & ~evicted & ~latest
+    score = jnp.where(candidates, mass, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-score, axis=1), axis=1)  # 0 = the heaviest
+    return evicted | (candidates & (rank >= budget - recent))
 
 
 def _honours(caps: kernels.Capabilities, request: dict[str, Any]) -> bool:

@@ -53,6 +53,8 @@ class TransformerOptions:
       logits_soft_cap: ``cap * tanh(logits / cap)`` on every attention logit, or ``None``.
       attention_sinks: ``"none"``, ``"learned"`` (one sink logit per head and layer) or
         ``"plus_one"`` ("softmax + 1").
+      kv_budget, kv_recent: H2O-style KV-cache eviction when decoding (see
+        :class:`~attn_jax.models.attention.MultiHeadAttention`); ``None``: none.
       dtype: compute dtype; param_dtype: parameter dtype.
       scan_layers: run the layers as one ``nn.scan`` (compiled once, whatever the depth)
         instead of a Python loop. The parameters are then those of one module ``layers``
@@ -84,6 +86,8 @@ class TransformerOptions:
     attention_dropout_rate: float = 0.0
     logits_soft_cap: float | None = None
     attention_sinks: str = "none"
+    kv_budget: int | None = None
+    kv_recent: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
@@ -107,6 +111,7 @@ def check_options(options: TransformerOptions) -> None:
         "logits_soft_cap": ("soft_cap", options.logits_soft_cap is not None),
         "attention_sinks": ("sinks", options.attention_sinks != "none"),
         "attention_dropout_rate": ("dropout", options.attention_dropout_rate > 0.0),
+        "kv_budget": ("mass", options.kv_budget is not None),
     }
     for field, (capability, asked) in wanted.items():
         if asked and not getattr(spec.capabilities, capability):
@@ -156,6 +161,15 @@ def _check_sizes(options: TransformerOptions) -> None:
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int | float) or cap <= 0):
         raise ValueError(
             f"options.logits_soft_cap: expected None or a positive number, got {cap!r}"
+        )
+    budget, recent = options.kv_budget, options.kv_recent
+    if isinstance(recent, bool) or not isinstance(recent, int) or recent < 0:
+        raise ValueError(f"options.kv_recent: expected an integer >= 0, got {recent!r}")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget <= recent
+    ):
+        raise ValueError(
+            f"options.kv_budget: expected None or an integer > kv_recent ({recent}), got {budget!r}"
         )
     for name in ("dropout_rate", "attention_dropout_rate"):
         if not 0.0 <= getattr(options, name) < 1.0:
@@ -241,6 +255,8 @@ def _attention(
         dropout_rate=o.attention_dropout_rate,
         logits_soft_cap=o.logits_soft_cap,
         sinks=o.attention_sinks,
+        kv_budget=None if cross else o.kv_budget,
+        kv_recent=o.kv_recent,
         dtype=o.dtype,
         param_dtype=o.param_dtype,
         name=name,

@@ -8,6 +8,8 @@ window where the kernel has windows, learned positions) and encoder-decoder.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -212,3 +214,49 @@ def test_models_take_a_flax_style_attention_callable():
         models.TransformerLM(VOCAB, ours), params, tokens[:, :3], max_new_tokens=4
     )
     np.testing.assert_array_equal(greedy, expected)
+
+
+def test_heavy_hitter_evictions_keep_the_recent_and_the_heaviest():
+    from attn_jax.models.attention import heavy_hitter_evictions
+
+    mass = jnp.array([[5.0, 1.0, 3.0, 0.5, 2.0, 9.0, 0.0, 0.0]])
+    evicted = jnp.zeros((1, 8), bool).at[0, 1].set(True)
+    # 6 cached tokens, budget 4 with the 2 latest (slots 4, 5) always kept: of slots 0, 2, 3
+    # (slot 1 is gone already) the 2 heaviest stay.
+    out = heavy_hitter_evictions(mass, evicted, jnp.array([6]), budget=4, recent=2)
+    np.testing.assert_array_equal(out[0], [False, True, False, True, False, False, False, False])
+
+
+@pytest.mark.parametrize("kernel", ["dot_product", "flash"])
+def test_kv_budget_evicts_down_to_the_budget_and_a_large_one_changes_nothing(kernel):
+    tokens = _tokens((2, 12))
+    base = _options(kernel, positions="rope")
+    logits = {}
+    for budget in (None, 16, 5):
+        options = (
+            base if budget is None else dataclasses.replace(base, kv_budget=budget, kv_recent=2)
+        )
+        model = models.TransformerLM(VOCAB, options)
+        params = _init(model, tokens)
+        step = jax.jit(
+            lambda cache, t, model=model, params=params: model.apply(
+                {"params": params, "cache": cache}, t, decode=True, mutable=["cache"]
+            )
+        )
+        cache = decode.init_cache(model, jnp.zeros((2, 16), jnp.int32))
+        outs = []
+        for i in range(12):
+            out, state = step(cache, tokens[:, i : i + 1])
+            cache = state["cache"]
+            outs.append(out)
+        logits[budget] = np.concatenate(outs, 1)
+        if budget == 5:
+            evicted = [
+                x for p, x in jax.tree_util.tree_leaves_with_path(cache) if "evicted" in str(p)
+            ]
+            assert evicted and all((np.asarray(e).sum(1) == 12 - 5).all() for e in evicted)
+            assert all(not np.asarray(e)[:, 10:12].any() for e in evicted)  # the 2 latest kept
+    np.testing.assert_allclose(logits[16], logits[None], atol=1e-5)
+    # Up to the budget nothing is evicted; after it, the answers change.
+    np.testing.assert_allclose(logits[5][:, :5], logits[None][:, :5], atol=1e-5)
+    assert not np.allclose(logits[5][:, 6:], logits[None][:, 6:], atol=1e-3)
