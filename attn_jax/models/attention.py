@@ -77,7 +77,8 @@ class MultiHeadAttention(nn.Module):
         2023): each sequence keeps at most ``kv_budget`` cached tokens, its ``kv_recent``
         latest and the heaviest hitters by accumulated attention mass (summed over the
         queries so far and the heads, ``return_attention_mass``); evicted tokens are
-        hidden from every later query. ``None``: keep everything.
+        hidden from every later query (``kv_recent == kv_budget``: a sliding window).
+        ``None``: keep everything.
       use_bias: biases in the projections.
       dtype: compute dtype (default: the inputs'); param_dtype: parameter dtype.
     """

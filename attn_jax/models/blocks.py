@@ -166,10 +166,11 @@ def _check_sizes(options: TransformerOptions) -> None:
     if isinstance(recent, bool) or not isinstance(recent, int) or recent < 0:
         raise ValueError(f"options.kv_recent: expected an integer >= 0, got {recent!r}")
     if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, int) or budget <= recent
+        isinstance(budget, bool) or not isinstance(budget, int) or budget < max(recent, 1)
     ):
         raise ValueError(
-            f"options.kv_budget: expected None or an integer > kv_recent ({recent}), got {budget!r}"
+            f"options.kv_budget: expected None or an integer >= max(kv_recent, 1) "
+            f"({max(recent, 1)}), got {budget!r}"
         )
     for name in ("dropout_rate", "attention_dropout_rate"):
         if not 0.0 <= getattr(options, name) < 1.0:
