@@ -148,7 +148,7 @@ def accuracy() -> list[dict[str, Any]]:
             *base, d_out=cotangent, is_causal=True,
             **{k: (np.asarray(v) if k == "sinks" else v) for k, v in kwargs.items()},
         )  # fmt: skip
-        for name in ("dot_product", "flash", "chunked"):
+        for name in ("dot_product", "flash", "chunked", "ring"):
             for dtype in (jnp.float32, jnp.bfloat16):
                 q, k, v = (jnp.asarray(x, dtype) for x in base)
                 fn = lambda q, k, v, name=name, kw=kwargs: kernels.dot_product_attention(

@@ -52,6 +52,29 @@ class BlockFunctions:
     soft_cap: float | None = None
     dropout_rate: float = 0.0
     broadcast_dropout: bool = False
+    # Inside ``shard_map`` over this axis (ring attention on a caller's shards), the
+    # functions were traced on block inputs varying over it, and are called so.
+    axis_name: str | None = None
+
+    def call_score_fn(self, s: jax.Array, idx: tuple, consts: tuple) -> jax.Array:
+        return self.score_fn(*self.block_inputs((s, *idx)), *consts)
+
+    def call_mask_fn(self, idx: tuple, consts: tuple) -> jax.Array:
+        return self.mask_fn(*self.block_inputs(idx), *consts)
+
+    def block_inputs(self, args: Sequence[jax.Array]) -> list:
+        if self.axis_name is None:
+            return list(args)
+        return [varying(jnp.asarray(x), self.axis_name) for x in args]
+
+
+def varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """``x`` typed as varying over ``axis_name`` inside ``shard_map`` (as arrays derived
+    from the shards are; constants are not)."""
+    axis_type = getattr(jax.typeof(x), "manual_axis_type", None)
+    if axis_type is None or axis_name in axis_type.varying:
+        return x
+    return jax.lax.pcast(x, (axis_name,), to="varying")
 
 
 def block_indices(kv_heads: int, groups: int, q_tok: Tokens, k_tok: Tokens) -> tuple:
@@ -99,7 +122,7 @@ def logits(
     if fns.score_fn is not None:
         kv_heads, groups = s.shape[1:3]
         idx = block_indices(kv_heads, groups, q_tok, k_tok)
-        s = jnp.broadcast_to(fns.score_fn(s, *idx, *score_consts), s.shape).astype(jnp.float32)
+        s = jnp.broadcast_to(fns.call_score_fn(s, idx, score_consts), s.shape).astype(jnp.float32)
     if fns.soft_cap is not None:
         cap = jnp.float32(fns.soft_cap)
         s = cap * jnp.tanh(s / cap)
@@ -112,7 +135,7 @@ def apply_mask_fn(
     """``shown`` (a block's boolean visibility) and ``mask_fn``'s."""
     if fns.mask_fn is None:
         return shown
-    out = jnp.asarray(fns.mask_fn(*block_indices(kv_heads, groups, q_tok, k_tok), *consts))
+    out = jnp.asarray(fns.call_mask_fn(block_indices(kv_heads, groups, q_tok, k_tok), consts))
     if out.dtype != jnp.bool_:
         checks.fail("mask_fn", f"must return booleans, got dtype {out.dtype}")
     return shown & out
@@ -140,7 +163,7 @@ def mask_fn_classes(
         def key_block(jk):
             k_blk = _slice_tokens(k_tok, jk * block_k, block_k)
             idx = block_indices(kv_heads, groups, q_blk, k_blk)
-            shown = jnp.asarray(fns.mask_fn(*idx, *consts))
+            shown = jnp.asarray(fns.call_mask_fn(idx, consts))
             if shown.dtype != jnp.bool_:
                 checks.fail("mask_fn", f"must return booleans, got dtype {shown.dtype}")
             return ~shown.any(), shown.all()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,8 +38,6 @@ __all__ = [
     "BlockLayout",
     "Canonical",
     "Plan",
-    "attention_with_vjp",
-    "block_gradients",
     "block_scores",
     "block_visible",
     "canonicalize",
@@ -61,7 +58,7 @@ _NO_FUNCTIONS = block_features.BlockFunctions()
 
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
-    """Static description of a blockwise problem (hashable: a ``custom_vjp`` static arg)."""
+    """Static description of a blockwise problem (hashable: a static arg of custom derivatives)."""
 
     q_len: int  # true lengths
     kv_len: int
@@ -198,30 +195,6 @@ def plan(c: Canonical) -> Plan:
     return Plan(classes, order, count)
 
 
-def attention_with_vjp(forward: Callable[..., Any], backward: Callable[..., Any]):
-    """``attend(layout, q, k, v, bias, aux) -> (out, lse)`` with a custom VJP that saves
-    only the inputs, ``out`` and ``lse`` and calls ``backward(layout, q, k, v, bias, aux,
-    out, lse, d_out, d_lse) -> (dq, dk, dv, dbias)``; ``layout`` is static (hashable),
-    ``aux`` (masks, tokens, block plans: a pytree) gets no gradient. Gradients, float32
-    in ``backward``, are returned in their inputs' dtypes."""
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def attend(layout, q, k, v, bias, aux):
-        return forward(layout, q, k, v, bias, aux)
-
-    def attend_fwd(layout, *inputs):
-        out, lse = forward(layout, *inputs)
-        return (out, lse), (*inputs, out, lse)
-
-    def attend_bwd(layout, residuals, cotangents):
-        grads = backward(layout, *residuals, *cotangents)
-        like = lambda g, x: None if g is None else g.astype(x.dtype)
-        return (*map(like, grads, residuals[:4]), None)
-
-    attend.defvjp(attend_fwd, attend_bwd)
-    return attend
-
-
 def block_scores(layout: BlockLayout, q_blk, k_blk, bias_blk) -> jax.Array:
     """Scaled scores ``[b, h, g, n, m]`` of queries ``[b, h, g, n, d]`` against keys
     ``[b, h, m, d]``, plus the block's bias (or ``None``), in float32."""
@@ -302,23 +275,6 @@ def online_softmax_result(m, total, acc) -> tuple[jax.Array, jax.Array]:
     return acc / safe[..., None], jnp.where(seen, m + jnp.log(safe), 0.0)
 
 
-def block_gradients(layout: BlockLayout, s, visible, q_blk, k_blk, v_blk, do_blk, lse, delta):
-    """One block's backward pass from its recomputed scores ``s [b, h, g, n, m]``
-    (``visible``: ``None`` for a fully visible block):
-    ``(ds [b, h, g, n, m], dq [b, h, g, n, d], dk [b, h, m, d], dv [b, h, m, dv])``, where
-    ``lse`` and ``delta = sum(d_out * out) - d_lse`` are the query rows' ``[b, h, g, n]``."""
-    scale = jnp.float32(layout.scale)
-    p = jnp.exp(s - lse[..., None])
-    if visible is not None:
-        p = jnp.where(visible, p, 0.0)
-    dp = matmul(layout, "bhgqd,bhkd->bhgqk", do_blk, v_blk)
-    ds = p * (dp - delta[..., None])
-    dq = scale * matmul(layout, "bhgqk,bhkd->bhgqd", ds, k_blk)
-    dk = scale * matmul(layout, "bhgqk,bhgqd->bhkd", ds, q_blk)
-    dv = matmul(layout, "bhgqk,bhgqd->bhkd", p, do_blk)
-    return ds, dq, dk, dv
-
-
 def zeros_like_inputs(shape: tuple[int, ...], *like: Any, fill: float = 0.0):
     """A float32 constant that carries the (shard_map) variance of every array in ``like``
     (pytrees allowed), so loop carries keep one type when the inputs are sharded."""
@@ -374,6 +330,8 @@ def canonicalize(
     block_k: int,
     tokens: tuple[Tokens, Tokens] | None = None,
     autodiff: bool = False,
+    function_block: tuple[int, int] | None = None,
+    axis_name: str | None = None,
 ) -> Canonical:
     """Brings a validated call to the canonical layout, blocks of ``block_q`` x
     ``block_k`` (clipped to the lengths; lengths padded up to whole blocks).
@@ -384,6 +342,11 @@ def canonicalize(
 
     ``tokens`` replaces ``call.visibility.tokens()`` (ring attention on a device's shard);
     invalid tokens are then zeroed by their validity alone.
+
+    ``function_block``: the ``(rows, columns)`` of the blocks ``score_fn`` and ``mask_fn``
+    are evaluated on, when not ``block_q x block_k`` (ring attention's tiles);
+    ``axis_name``: inside ``shard_map`` over it, they are traced and called on block inputs
+    varying over it.
     """
     checks.check_block_sizes(block_q=block_q, block_k=block_k)
     batch_shape = call.batch_shape
@@ -439,7 +402,7 @@ def canonicalize(
         precision=call.precision,
         dtype=dtype,
     )
-    layout, extras = _block_functions(call, layout, batch)
+    layout, extras = _block_functions(call, layout, batch, function_block or (bq, bk), axis_name)
     return Canonical(
         query=q,
         key=k,
@@ -456,13 +419,15 @@ def canonicalize(
     )
 
 
-def _block_functions(call: AttentionCall, layout: BlockLayout, batch: int):
+def _block_functions(
+    call: AttentionCall, layout: BlockLayout, batch: int, block: tuple, axis_name: str | None
+):
     """``layout`` with the call's score pipeline (``score_fn`` and ``mask_fn`` converted at
-    its block shapes), and the :class:`Canonical` fields that go with it."""
-    example = block_features.example_block(
-        layout.kv_heads, layout.groups, batch, layout.block_q, layout.block_k
-    )
-    scores = jnp.zeros((batch, layout.kv_heads, layout.groups, layout.block_q, layout.block_k))
+    the shapes of a ``block`` of ``(rows, columns)``), and the :class:`Canonical` fields
+    that go with it."""
+    varying = block_features.BlockFunctions(axis_name=axis_name).block_inputs
+    example = varying(block_features.example_block(layout.kv_heads, layout.groups, batch, *block))
+    scores = varying([jnp.zeros((batch, layout.kv_heads, layout.groups, *block))])[0]
     score_fn, score_consts = block_features.convert(call.score_fn, (scores, *example))
     mask_fn, mask_consts = block_features.convert(call.mask_fn, example)
     fns = block_features.BlockFunctions(
@@ -471,6 +436,7 @@ def _block_functions(call: AttentionCall, layout: BlockLayout, batch: int):
         soft_cap=call.logits_soft_cap,
         dropout_rate=call.dropout_rate,
         broadcast_dropout=call.broadcast_dropout,
+        axis_name=axis_name,
     )
     sinks = None
     if call.sinks is not None:
@@ -561,27 +527,47 @@ def key_mass(c: Canonical, plan: Plan, lse: jax.Array) -> jax.Array:
     ``exp(logit - lse)`` summed over the queries of each head), block by block over the
     blocks ``plan`` does not hide; ``lse [B, kv_heads, groups, q_pad]`` is the forward's.
     Computed without gradients."""
-    layout = c.layout
-    q, k, bias, lse = jax.lax.stop_gradient((c.query, c.key, c.bias, lse))
-    consts = jax.lax.stop_gradient(c.score_consts)
+    return key_mass_of(
+        c.layout, plan, c.query, c.key, c.bias, c.score_consts, c.q_tokens, c.k_tokens,
+        c.mask, c.mask_consts, lse,
+    )  # fmt: skip
+
+
+def key_mass_of(
+    layout: BlockLayout,
+    plan: Plan,
+    q: jax.Array,
+    k: jax.Array,
+    bias: jax.Array | None,
+    score_consts: tuple,
+    q_tokens: Tokens,
+    k_tokens: Tokens,
+    mask: jax.Array | None,
+    mask_consts: tuple,
+    lse: jax.Array,
+) -> jax.Array:
+    """:func:`key_mass` of queries ``q [B, h, g, q_pad, d]`` against keys ``k [B, h,
+    kv_pad, d]`` (with their bias, tokens and dense mask, each or ``None``)."""
+    q, k, bias, lse = jax.lax.stop_gradient((q, k, bias, lse))
+    consts = jax.lax.stop_gradient(score_consts)
     bq, bk = layout.block_q, layout.block_k
 
     def query_block(iq, mass):
         q0 = iq * bq
         q_blk = jax.lax.dynamic_slice_in_dim(q, q0, bq, axis=3)
         lse_blk = jax.lax.dynamic_slice_in_dim(lse, q0, bq, axis=3)
-        q_tok = slice_tokens(c.q_tokens, q0, bq)
+        q_tok = slice_tokens(q_tokens, q0, bq)
 
         def key_block(t, mass):
             jk = plan.order[iq, t]
             k0 = jk * bk
-            k_tok = slice_tokens(c.k_tokens, k0, bk)
+            k_tok = slice_tokens(k_tokens, k0, bk)
             k_blk = jax.lax.dynamic_slice_in_dim(k, k0, bk, axis=2)
             s = block_logits(
                 layout, q_blk, k_blk, slice_block(bias, q0, k0, layout), q_tok, k_tok, consts
             )
             shown = block_visible(
-                layout, q_tok, k_tok, slice_block(c.mask, q0, k0, layout), c.mask_consts
+                layout, q_tok, k_tok, slice_block(mask, q0, k0, layout), mask_consts
             )
             p = jnp.where(shown, jnp.exp(jnp.minimum(s - lse_blk[..., None], 0.0)), 0.0)
             column = jax.lax.dynamic_slice_in_dim(mass, k0, bk, axis=3) + p.sum(-2)

@@ -5,7 +5,7 @@ model (causal, window, padding, segments, a dense mask, ``mask_fn``) does not hi
 keeping a running maximum, sum and weighted value sum, and saves only the output and the
 log-sum-exp per query. Blocks shown entirely skip the mask evaluation.
 
-Derivatives come from one rule, the JVP (:func:`_tangent`): a second blockwise pass that
+Derivatives come from one rule, the JVP (:func:`tangent_terms`): a second blockwise pass that
 recomputes each block's weights from the log-sum-exp and is linear in the tangents. JAX
 transposes it for reverse mode (the backward pass: the same blocks, weights recomputed,
 nothing ``q_len x kv_len`` stored) and differentiates it again for higher orders, so
@@ -95,46 +95,56 @@ def _by_class(plan, iq, jk, fn, *args):
     )
 
 
+def fold_query_block(layout: BlockLayout, q, k, v, bias, consts, aux, iq, carry):
+    """Folds the key blocks of query block ``iq`` that the plan (``aux[3]``) does not hide
+    into its running softmax ``carry`` (``(max, total, acc)`` of ``[b, h, g, block_q]``)."""
+    plan = aux[3]
+
+    def update(partial, carry, jk):
+        blk = _slices(layout, q, k, v, bias, aux, iq, jk)
+        s = _logits_fn(layout, blk)(blk.q, blk.k, blk.bias, consts)
+        keep = blockwise.block_keep(layout, aux[5], blk.q_tok, blk.k_tok)
+        shown = _shown(layout, blk, aux, partial)
+        return blockwise.online_softmax_update(layout, carry, s, shown, blk.v, keep)
+
+    def body(t, carry):
+        jk = plan.order[iq, t]
+        return _by_class(plan, iq, jk, update, carry, jk)
+
+    return jax.lax.fori_loop(0, plan.count[iq], body, carry)
+
+
 def _forward(layout: BlockLayout, q, k, v, bias, sinks, consts, aux):
     """``(out [b, h, g, q_pad, dv], lse [b, h, g, q_pad])``."""
-    plan = aux[3]
     batch, kv_heads, groups, _, _ = q.shape
     dv = v.shape[-1]
 
     def one_query_block(iq):
-        def update(partial, carry, jk):
-            blk = _slices(layout, q, k, v, bias, aux, iq, jk)
-            s = _logits_fn(layout, blk)(blk.q, blk.k, blk.bias, consts)
-            keep = blockwise.block_keep(layout, aux[5], blk.q_tok, blk.k_tok)
-            shown = _shown(layout, blk, aux, partial)
-            return blockwise.online_softmax_update(layout, carry, s, shown, blk.v, keep)
-
-        def body(t, carry):
-            jk = plan.order[iq, t]
-            return _by_class(plan, iq, jk, update, carry, jk)
-
         stats = (batch, kv_heads, groups, layout.block_q)
         init = blockwise.online_softmax_init(stats, dv, sinks, q, k, v, bias)
-        return blockwise.online_softmax_result(*jax.lax.fori_loop(0, plan.count[iq], body, init))
+        carry = fold_query_block(layout, q, k, v, bias, consts, aux, iq, init)
+        return blockwise.online_softmax_result(*carry)
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(layout.num_q_blocks, dtype=jnp.int32))
-    # [nq, b, h, g, bq, ...] -> [b, h, g, nq * bq, ...]
-    out = jnp.moveaxis(out, 0, 3).reshape(batch, kv_heads, groups, -1, dv)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(batch, kv_heads, groups, -1)
-    return out, lse
+    return _rows(out, q.shape), _rows(lse, q.shape)
 
 
-def _tangent(layout: BlockLayout, primals, tangents, out, lse):
-    """The JVP of ``(out, lse)``: linear in ``tangents`` (of ``q, k, v, bias, sinks,
-    consts``), block by block over the blocks the plan does not hide.
+def _rows(x: jax.Array, q_shape: tuple[int, ...]) -> jax.Array:
+    """``[nq, b, h, g, bq, ...]`` per query block -> ``[b, h, g, nq * bq, ...]``."""
+    return jnp.moveaxis(x, 0, 3).reshape(*q_shape[:3], -1, *x.shape[5:])
 
-    With ``p = exp(s - lse)`` the weights, ``z`` the dropout factors and ``ds`` the logits'
-    tangent: ``dlse = sum_j p ds + p_sink dsink`` and ``dout = sum_j p z (ds v + dv) -
-    dlse * out``. Query blocks and blocks are rematerialised, so the transpose (reverse
-    mode) recomputes the weights from block-sized inputs instead of storing them.
+
+def tangent_terms(layout: BlockLayout, primals, tangents, lse):
+    """The key-block sums of the JVP, linear in ``tangents`` (of ``q, k, v, bias, consts``):
+    ``(sum_j p z (ds v + dv) [b, h, g, q_pad, dv], sum_j p ds [b, h, g, q_pad])`` over the
+    blocks the plan does not hide, where ``p = exp(s - lse)`` are the weights, ``z`` the
+    dropout factors and ``ds`` the logits' tangent.
+
+    Query blocks and blocks are rematerialised, so the transpose (reverse mode) recomputes
+    the weights from block-sized inputs instead of storing them.
     """
-    q, k, v, bias, sinks, consts, aux = primals
-    tq, tk, tv, tbias, tsinks, tconsts = tangents
+    q, k, v, bias, consts, aux = primals
+    tq, tk, tv, tbias, tconsts = tangents
     plan = aux[3]
     dv = v.shape[-1]
 
@@ -155,7 +165,7 @@ def _tangent(layout: BlockLayout, primals, tangents, out, lse):
         return mm(applied * ds, blk.v) + mm(applied, t_blk[3]), (p * ds).sum(-1)
 
     @jax.checkpoint
-    def one_query_block(iq, q, k, v, bias, consts, tq, tk, tv, tbias, tconsts, lse, out):
+    def one_query_block(iq, q, k, v, bias, consts, tq, tk, tv, tbias, tconsts, lse):
         lse_blk = _query_block(lse, iq, layout)
 
         def body(t, acc):
@@ -174,21 +184,23 @@ def _tangent(layout: BlockLayout, primals, tangents, out, lse):
             return jax.lax.cond(t < plan.count[iq], visible_block, skip, acc, blk, t_blk)
 
         stats = (*q.shape[:3], layout.block_q)
-        zeros = blockwise.zeros_like_inputs(stats, q, tq)
+        zeros = blockwise.zeros_like_inputs(stats, q, k, tq, tk)
         init = (jnp.zeros((*stats, dv), jnp.float32) + zeros[..., None], zeros)
-        t_values, t_lse = jax.lax.fori_loop(0, layout.num_k_blocks, body, init)
-        if sinks is not None:
-            t_lse = t_lse + jnp.exp(sinks - lse_blk) * tsinks
-        return t_values - t_lse[..., None] * _query_block(out, iq, layout), t_lse
+        return jax.lax.fori_loop(0, layout.num_k_blocks, body, init)
 
-    t_out, t_lse = jax.lax.map(
-        lambda iq: one_query_block(iq, q, k, v, bias, consts, tq, tk, tv, tbias, tconsts, lse, out),
+    t_values, t_lse = jax.lax.map(
+        lambda iq: one_query_block(iq, q, k, v, bias, consts, tq, tk, tv, tbias, tconsts, lse),
         jnp.arange(layout.num_q_blocks, dtype=jnp.int32),
     )
-    batch, kv_heads, groups = q.shape[:3]
-    t_out = jnp.moveaxis(t_out, 0, 3).reshape(batch, kv_heads, groups, -1, dv)
-    t_lse = jnp.moveaxis(t_lse, 0, 3).reshape(batch, kv_heads, groups, -1)
-    return t_out, t_lse
+    return _rows(t_values, q.shape), _rows(t_lse, q.shape)
+
+
+def combine_tangent(t_values, t_lse, sinks, t_sinks, out, lse):
+    """The JVP of ``(out, lse)`` from the key-block sums of :func:`tangent_terms`: ``dlse =
+    sum_j p ds + p_sink dsink`` and ``dout = sum_j p z (ds v + dv) - dlse * out``."""
+    if sinks is not None:
+        t_lse = t_lse + jnp.exp(sinks - lse) * t_sinks
+    return t_values - t_lse[..., None] * out, t_lse
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -198,9 +210,13 @@ def _flash(layout: BlockLayout, q, k, v, bias, sinks, consts, aux):
 
 @_flash.defjvp
 def _flash_jvp(layout: BlockLayout, primals, tangents):
+    q, k, v, bias, sinks, consts, aux = primals
+    tq, tk, tv, tbias, t_sinks, t_consts = tangents[:6]
     out, lse = _forward(layout, *primals)
-    t_out, t_lse = _tangent(layout, primals, tangents[:6], out, lse)
-    return (out, lse), (t_out, t_lse)
+    t_values, t_lse = tangent_terms(
+        layout, (q, k, v, bias, consts, aux), (tq, tk, tv, tbias, t_consts), lse
+    )
+    return (out, lse), combine_tangent(t_values, t_lse, sinks, t_sinks, out, lse)
 
 
 @register("flash", capabilities=BLOCKWISE_FEATURES)

@@ -3,10 +3,16 @@
 Each device keeps its shard of the queries; the key/value shards travel around the ring of
 devices (``lax.ppermute`` inside ``shard_map``), one hop per step, and every device folds
 the shard it holds into a running online softmax. After ``P`` steps every query has seen
-every key, and no device ever held more than two key/value shards. The backward pass
-(a custom VJP) recomputes the weights from the saved log-sum-exp and rotates the key/value
-shards again, together with their gradient accumulators, which arrive back home after the
-last hop. Per-device memory is that of ``1/P`` of the sequence.
+every key, and no device ever held more than two key/value shards. Each step is a
+blockwise problem of ``flash`` (the same tiles, score functions, soft cap, sinks, fused
+dropout by global coordinates), with the tile classes of every step computed once per call.
+
+Derivatives come from the JVP (:func:`_ring_jvp`): a loop over the steps whose body
+fetches that step's key/value shard and tangents by one collective permute and is
+rematerialised. JAX transposes it for reverse mode (each step fetches its shard again and
+sends the shard's gradient back) and differentiates it again for forward mode and higher
+orders (``jax.jvp``, ``jax.jacfwd``, Hessian-vector products). Per-device memory is that of
+``1/P`` of the sequence, forward and backward.
 
 Two orderings of the sequence over the devices:
 
@@ -36,11 +42,11 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from attn_jax.kernels import blockwise, checks
+from attn_jax.kernels import block_features, blockwise, checks, flash
 from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.api import AttentionCall, AttentionOutput
-from attn_jax.kernels.blockwise import MASK_VALUE, BlockLayout, zeros_like_inputs
-from attn_jax.kernels.registry import TOKEN_VISIBILITY, register
+from attn_jax.kernels.blockwise import BlockLayout
+from attn_jax.kernels.registry import BLOCKWISE_FEATURES, register
 from attn_jax.kernels.visibility import Tokens
 
 __all__ = ["ORDERINGS", "ring_attention", "shard_positions"]
@@ -51,12 +57,12 @@ RING_AXIS = "ring"
 
 @dataclasses.dataclass(frozen=True)
 class RingLayout:
-    """Static description of one device's part of a ring problem (a custom-VJP static arg).
+    """Static description of one device's part of a ring problem (a custom-JVP static arg).
 
-    ``block`` describes the whole problem (true lengths, scale, causal, window) with
-    ``block_q`` / ``block_k`` the per-device shard lengths, which are whole numbers of
-    ``tile_q`` / ``tile_k``: each ring step walks its shards tile by tile, so no device
-    ever holds more than one ``[tile_q, tile_k]`` block of scores.
+    ``block`` describes the whole problem (true lengths, scale, causal, window, the score
+    pipeline) with ``block_q`` / ``block_k`` the per-device shard lengths, which are whole
+    numbers of ``tile_q`` / ``tile_k``: each ring step walks its shards tile by tile, so no
+    device ever holds more than one ``[tile_q, tile_k]`` block of scores.
     """
 
     block: BlockLayout
@@ -65,6 +71,18 @@ class RingLayout:
     axis_name: str | None  # None: a single device, no communication
     tile_q: int
     tile_k: int
+
+    @property
+    def tiles(self) -> BlockLayout:
+        """One ring step as a blockwise problem: this device's queries against one key
+        shard, in blocks of one tile."""
+        return dataclasses.replace(
+            self.block,
+            block_q=self.tile_q,
+            block_k=self.tile_k,
+            num_q_blocks=self.block.block_q // self.tile_q,
+            num_k_blocks=self.block.block_k // self.tile_k,
+        )
 
 
 def shard_positions(
@@ -83,14 +101,13 @@ def shard_positions(
     return shard * rows + local
 
 
-def _rotate(layout: RingLayout, *xs):
-    """Every device passes ``xs`` (arrays or pytrees) to the next one on the ring."""
-    if layout.axis_name is None:
-        return xs
+def _shift(layout: RingLayout, xs, hops: int):
+    """Every device passes ``xs`` (a pytree) to the device ``hops`` further on the ring."""
     n = layout.num_devices
-    perm = [(d, (d + 1) % n) for d in range(n)]
-    send = lambda x: jax.lax.ppermute(x, layout.axis_name, perm)
-    return tuple(jax.tree.map(send, x) for x in xs)
+    if layout.axis_name is None or hops % n == 0:
+        return xs
+    perm = [(d, (d + hops) % n) for d in range(n)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, layout.axis_name, perm), xs)
 
 
 def _me(layout: RingLayout) -> jax.Array:
@@ -99,187 +116,174 @@ def _me(layout: RingLayout) -> jax.Array:
     return jax.lax.axis_index(layout.axis_name).astype(jnp.int32)
 
 
-def _slice(x: jax.Array | None, start: jax.Array, size: int, axis: int) -> jax.Array | None:
-    if x is None:
+def _source(layout: RingLayout, step) -> jax.Array:
+    """The device whose key shard this one holds at ring step ``step``."""
+    return (_me(layout) - step) % layout.num_devices
+
+
+def _columns(layout: RingLayout, rows: jax.Array | None, src) -> jax.Array | None:
+    """Device ``src``'s key columns ``[..., block_q, block_k]`` of this device's rows of a
+    dense mask or bias ``[..., block_q, num_devices * block_k]`` (``None`` stays)."""
+    if rows is None:
         return None
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis % x.ndim)
+    width = layout.block.block_k
+    return jax.lax.dynamic_slice_in_dim(rows, src * width, width, axis=rows.ndim - 1)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Tile:
-    """One ``[tile_q, tile_k]`` block of a ring step: rows ``q0`` of this device's queries
-    against rows ``k0`` of the key shard that came from device ``src``, with their tokens
-    and the tile's slice of the dense mask (or ``None``)."""
+def _tile_classes(layout: RingLayout, q_tok: Tokens, k_tok: Tokens, mask, mask_consts):
+    """``[num_devices, q_tiles, k_tiles]`` int32: the class of every tile of every ring step
+    (visibility model, dense mask and ``mask_fn``, evaluated one tile at a time), computed
+    once per call while the key tokens travel the ring once."""
+    tiles = layout.tiles
 
-    q0: jax.Array
-    k0: jax.Array
-    src: jax.Array
-    q_tok: Tokens
-    k_tok: Tokens
-    mask: jax.Array | None
+    def step(k_tok, t):
+        src = _source(layout, t)
+        classes = blockwise.classify(
+            tiles, q_tok, k_tok, _columns(layout, mask, src), tiles.block_q, tiles.block_k
+        )
+        if tiles.fns.mask_fn is not None:
+            hidden, full = block_features.mask_fn_classes(
+                tiles.fns, tiles.kv_heads, tiles.groups, q_tok, k_tok, mask_consts,
+                tiles.block_q, tiles.block_k,
+            )  # fmt: skip
+            classes = block_features.combine_classes(classes, hidden, full)
+        return _shift(layout, k_tok, 1), classes
 
-
-def _tile(layout: RingLayout, src, iq, jk, q_tok, k_tok, mask) -> _Tile:
-    """Tile ``(iq, jk)``; ``mask`` is this device's rows ``[..., block_q, kv_total]``."""
-    b = layout.block
-    q0, k0 = iq * layout.tile_q, jk * layout.tile_k
-    column = src * b.block_k + k0
-    cut = lambda x: _slice(_slice(x, q0, layout.tile_q, -2), column, layout.tile_k, -1)
-    return _Tile(
-        q0,
-        k0,
-        src,
-        blockwise.slice_tokens(q_tok, q0, layout.tile_q),
-        blockwise.slice_tokens(k_tok, k0, layout.tile_k),
-        cut(mask),
-    )
+    steps = jnp.arange(layout.num_devices, dtype=jnp.int32)
+    return jax.lax.scan(step, k_tok, steps)[1]
 
 
-def _tile_class(layout: RingLayout, tile: _Tile) -> jax.Array:
-    """The tile's :data:`~attn_jax.kernels.visibility.HIDDEN` / ``PARTIAL`` / ``FULL``."""
-    classes = blockwise.classify(
-        layout.block, tile.q_tok, tile.k_tok, tile.mask, layout.tile_q, layout.tile_k
-    )
-    return classes[0, 0]
+def _plan(classes: jax.Array) -> blockwise.Plan:
+    return blockwise.Plan(classes, *vis.visible_blocks(classes))
 
 
-def _tile_scores(layout: RingLayout, tile: _Tile, q_t, k_t, bias):
-    """Scores ``[b, h, g, tile_q, tile_k]`` of one tile; ``bias`` is this device's rows."""
-    b = layout.block
-    column = tile.src * b.block_k + tile.k0
-    cut = lambda x: _slice(_slice(x, tile.q0, layout.tile_q, -2), column, layout.tile_k, -1)
-    return blockwise.block_scores(b, q_t, k_t, cut(bias))
+def _step_aux(layout: RingLayout, aux, step, k_tok: Tokens) -> tuple:
+    """The auxiliary inputs of ring step ``step`` as a blockwise problem (flash's layout):
+    the mask's columns, tokens, the step's tile plan, ``mask_fn`` constants, dropout seed."""
+    mask, q_tok, _, classes, mask_consts, seed = aux
+    cols = _columns(layout, mask, _source(layout, step))
+    return cols, q_tok, k_tok, _plan(classes[step]), mask_consts, seed
 
 
-def _tile_visible(layout: RingLayout, tile: _Tile):
-    return blockwise.block_visible(layout.block, tile.q_tok, tile.k_tok, tile.mask)
+def _forward(layout: RingLayout, q, k, v, bias, sinks, consts, aux):
+    """``(out [b, h, g, Sq, dv], lse [b, h, g, Sq])`` for this device's queries: the key
+    and value shards travel the ring in their storage dtype, one hop per step."""
+    tiles = layout.tiles
+    tq = layout.tile_q
 
-
-def _over_tiles(layout: RingLayout, src, q_tok, k_tok, mask, state, key_tile):
-    """Runs ``key_tile(tile, visible, iq, state)`` over this step's tiles that are not
-    hidden."""
-    b = layout.block
-
-    def query_tile(iq, state):
-        def one(jk, state):
-            tile = _tile(layout, src, iq, jk, q_tok, k_tok, mask)
-            return jax.lax.cond(
-                _tile_class(layout, tile) == vis.HIDDEN,
-                lambda tile, state: state,
-                lambda tile, state: key_tile(tile, _tile_visible(layout, tile), iq, state),
-                tile,
-                state,
-            )
-
-        return jax.lax.fori_loop(0, b.block_k // layout.tile_k, one, state)
-
-    return jax.lax.fori_loop(0, b.block_q // layout.tile_q, query_tile, state)
-
-
-def _forward(layout: RingLayout, q, k, v, bias, aux):
-    """``(out [b, h, g, Sq, dv], lse [b, h, g, Sq])`` for this device's queries."""
-    mask, q_tok, k_tok = aux
-    me = _me(layout)
-    b = layout.block
-    tq, tk = layout.tile_q, layout.tile_k
-    inputs = (q, k, v, bias)
-
-    def compute(t, m, total, acc, k_blk, v_blk, k_tok):
+    def fold(t, state, k_blk, v_blk, k_tok):
         """Folds the key/value shard held at step ``t`` into the running softmax."""
-        src = (me - t) % layout.num_devices
+        aux_t = _step_aux(layout, aux, t, k_tok)
+        bias_t = _columns(layout, bias, _source(layout, t))
 
-        def key_tile(tile, visible, iq, state):
-            m, total, acc = state
-            q_t = _slice(q, tile.q0, tq, 3)
-            k_t, v_t = _slice(k_blk, tile.k0, tk, 2), _slice(v_blk, tile.k0, tk, 2)
-            s = _tile_scores(layout, tile, q_t, k_t, bias)
-            rows = tuple(_slice(x, tile.q0, tq, 3) for x in (m, total, acc))
-            rows = blockwise.online_softmax_update(b, rows, s, visible, v_t)
-            update = lambda x, x_t: jax.lax.dynamic_update_slice_in_dim(x, x_t, tile.q0, axis=3)
-            return tuple(update(x, x_t) for x, x_t in zip((m, total, acc), rows, strict=True))
+        def query_tile(iq, state):
+            rows = tuple(jax.lax.dynamic_slice_in_dim(x, iq * tq, tq, axis=3) for x in state)
+            rows = flash.fold_query_block(tiles, q, k_blk, v_blk, bias_t, consts, aux_t, iq, rows)
+            return tuple(
+                jax.lax.dynamic_update_slice_in_dim(x, r, iq * tq, axis=3)
+                for x, r in zip(state, rows, strict=True)
+            )
 
-        return _over_tiles(layout, src, q_tok, k_tok, mask, (m, total, acc), key_tile)
+        return jax.lax.fori_loop(0, tiles.num_q_blocks, query_tile, state)
 
     def ring_step(t, carry):
-        m, total, acc, k_blk, v_blk, k_tok = carry
-        m, total, acc = compute(t, m, total, acc, k_blk, v_blk, k_tok)
-        k_blk, v_blk, k_tok = _rotate(layout, k_blk, v_blk, k_tok)
-        return m, total, acc, k_blk, v_blk, k_tok
+        state, k_blk, v_blk, k_tok = carry
+        state = fold(t, state, k_blk, v_blk, k_tok)
+        return state, *_shift(layout, (k_blk, v_blk, k_tok), 1)
 
-    stats = q.shape[:-1]
-    init = (
-        zeros_like_inputs(stats, *inputs, fill=MASK_VALUE),
-        zeros_like_inputs(stats, *inputs),
-        zeros_like_inputs((*stats, v.shape[-1]), *inputs),
-        k,
-        v,
-        k_tok,
-    )
+    store = lambda x: x.astype(tiles.dtype)
+    init = blockwise.online_softmax_init(q.shape[:-1], v.shape[-1], sinks, q, k, v, bias)
     last = layout.num_devices - 1  # P - 1 hops: the last shard needs no sending on
-    m, total, acc, k_blk, v_blk, k_tok = jax.lax.fori_loop(0, last, ring_step, init)
-    return blockwise.online_softmax_result(*compute(last, m, total, acc, k_blk, v_blk, k_tok))
+    carry = (init, store(k), store(v), aux[2])
+    state, k_blk, v_blk, k_tok = jax.lax.fori_loop(0, last, ring_step, carry)
+    return blockwise.online_softmax_result(*fold(last, state, k_blk, v_blk, k_tok))
 
 
-def _backward(layout: RingLayout, q, k, v, bias, aux, out, lse, d_out, d_lse):
-    """Gradients for ``q, k, v, bias``: the key/value shards rotate again (with their
-    tokens), carrying their gradient accumulators, which are back home after ``P`` hops."""
-    mask, q_tok, k_tok = aux
-    me = _me(layout)
-    b = layout.block
-    tq, tk = layout.tile_q, layout.tile_k
-    delta = (d_out * out).sum(-1) - d_lse  # [b, h, g, Sq]
-    inputs = (q, k, v, bias, out, lse, d_out, d_lse)
+def _fetch(layout: RingLayout, xs, step):
+    """``xs`` of the device ``step`` places back on the ring (``step`` traced): one
+    collective permute by a static shift, chosen by ``lax.switch``."""
+    if layout.axis_name is None:
+        return xs
+    shifts = [functools.partial(_shift, layout, hops=hops) for hops in range(layout.num_devices)]
+    return jax.lax.switch(step, shifts, xs)
 
-    def compute(t, dq, dbias, k_blk, v_blk, k_tok, dk_blk, dv_blk):
-        """Adds the gradients of the key/value shard held at step ``t``."""
-        src = (me - t) % layout.num_devices
 
-        def key_tile(tile, visible, iq, state):
-            dq, dbias, dk_blk, dv_blk = state
-            q_t, do_t, lse_t, delta_t = (_slice(x, tile.q0, tq, 3) for x in (q, d_out, lse, delta))
-            k_t, v_t = _slice(k_blk, tile.k0, tk, 2), _slice(v_blk, tile.k0, tk, 2)
-            s = _tile_scores(layout, tile, q_t, k_t, bias)
-            ds, dq_t, dk_t, dv_t = blockwise.block_gradients(
-                b, s, visible, q_t, k_t, v_t, do_t, lse_t, delta_t
-            )
-            add = lambda x, x_t, start, axis: jax.lax.dynamic_update_slice_in_dim(
-                x, _slice(x, start, x_t.shape[axis], axis) + x_t, start, axis=axis
-            )
-            dq = add(dq, dq_t, tile.q0, 3)
-            dk_blk, dv_blk = add(dk_blk, dk_t, tile.k0, 2), add(dv_blk, dv_t, tile.k0, 2)
-            if dbias is not None:
-                column = tile.src * b.block_k + tile.k0
-                start = blockwise.block_start(tile.q0, column)
-                dbias = jax.lax.dynamic_update_slice(dbias, ds, start)
-            return dq, dbias, dk_blk, dv_blk
-
-        state = (dq, dbias, dk_blk, dv_blk)
-        return _over_tiles(layout, src, q_tok, k_tok, mask, state, key_tile)
-
-    def ring_step(t, carry):
-        dq, dbias, k_blk, v_blk, k_tok, dk_blk, dv_blk = carry
-        dq, dbias, dk_blk, dv_blk = compute(t, dq, dbias, k_blk, v_blk, k_tok, dk_blk, dv_blk)
-        rotated = _rotate(layout, k_blk, v_blk, k_tok, dk_blk, dv_blk)
-        return dq, dbias, *rotated
-
-    init = (
-        zeros_like_inputs(q.shape, *inputs),
-        None if bias is None else zeros_like_inputs(bias.shape, *inputs),
-        k,
-        v,
-        k_tok,
-        zeros_like_inputs(k.shape, *inputs),
-        zeros_like_inputs(v.shape, *inputs),
+def _step_tangent(layout: RingLayout, step, primals, tangents, lse):
+    """Ring step ``step``'s part of the JVP's key sums (:func:`flash.tangent_terms`), with
+    the key/value shard of ``step`` devices back and its tangents fetched directly (in
+    their storage dtype) rather than carried from the previous step: its transpose then
+    needs nothing of the other steps."""
+    q, k, v, bias, consts, aux = primals
+    tq, tk, tv, tbias, t_consts = tangents
+    dtype = layout.block.dtype
+    sent = _fetch(layout, (tuple(x.astype(dtype) for x in (k, v, tk, tv)), aux[2]), step)
+    k_s, v_s, tk_s, tv_s = (x.astype(jnp.float32) for x in sent[0])
+    aux_t = _step_aux(layout, aux, step, sent[1])
+    src = _source(layout, step)
+    return flash.tangent_terms(
+        layout.tiles,
+        (q, k_s, v_s, _columns(layout, bias, src), consts, aux_t),
+        (tq, tk_s, tv_s, _columns(layout, tbias, src), t_consts),
+        lse,
     )
-    last = layout.num_devices - 1
-    dq, dbias, k_blk, v_blk, k_tok, dk, dv = jax.lax.fori_loop(0, last, ring_step, init)
-    dq, dbias, dk, dv = compute(last, dq, dbias, k_blk, v_blk, k_tok, dk, dv)
-    dk, dv = _rotate(layout, dk, dv)  # the P-th hop brings the accumulators home
-    return dq, dk, dv, dbias
 
 
-_ring = blockwise.attention_with_vjp(_forward, _backward)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _ring(layout: RingLayout, q, k, v, bias, sinks, consts, aux):
+    return _forward(layout, q, k, v, bias, sinks, consts, aux)
+
+
+@_ring.defjvp
+def _ring_jvp(layout: RingLayout, primals, tangents):
+    """The JVP, a loop over the ring steps whose body is rematerialised; JAX transposes it
+    for reverse mode (one step at a time, each fetching its shard again and sending the
+    shard's gradient back) and differentiates it again for higher orders."""
+    q, k, v, bias, sinks, consts, aux = primals
+    tq, tk, tv, tbias, t_sinks, t_consts = tangents[:6]
+    out, lse = _forward(layout, *primals)
+    step_terms = jax.checkpoint(functools.partial(_step_tangent, layout))
+
+    def body(step, acc):
+        terms = step_terms(step, (q, k, v, bias, consts, aux), (tq, tk, tv, tbias, t_consts), lse)
+        return acc[0] + terms[0], acc[1] + terms[1]
+
+    zeros = blockwise.zeros_like_inputs(lse.shape, q, k, v, tq, tk, tv)
+    init = (jnp.zeros(out.shape, jnp.float32) + zeros[..., None], zeros)
+    t_values, t_lse = jax.lax.fori_loop(0, layout.num_devices, body, init)
+    return (out, lse), flash.combine_tangent(t_values, t_lse, sinks, t_sinks, out, lse)
+
+
+def _key_mass(layout: RingLayout, q, k, bias, consts, aux, lse) -> jax.Array:
+    """The attention mass ``[b, h, g, Sk]`` of this device's keys: each key shard travels
+    the ring with its mass accumulator, which every device adds its queries' weights to,
+    and is back home after ``P`` hops."""
+    tiles = layout.tiles
+    store = lambda x: x.astype(tiles.dtype)
+
+    def step(t, carry):
+        k_blk, k_tok, mass = carry
+        aux_t = _step_aux(layout, aux, t, k_tok)
+        mass = mass + blockwise.key_mass_of(
+            tiles, aux_t[3], q, k_blk, _columns(layout, bias, _source(layout, t)), consts,
+            aux[1], k_tok, aux_t[0], aux_t[4], lse,
+        )  # fmt: skip
+        return _shift(layout, (k_blk, k_tok, mass), 1)
+
+    zeros = blockwise.zeros_like_inputs((*q.shape[:3], k.shape[2]), q, k)
+    carry = (store(jax.lax.stop_gradient(k)), aux[2], zeros)
+    return jax.lax.fori_loop(0, layout.num_devices, step, carry)[2]
+
+
+def _ring_device(layout: RingLayout, with_mass: bool, q, k, v, bias, sinks, consts, aux_in):
+    """One device's part: ``(out, lse)`` and, ``with_mass``, its keys' attention mass.
+    ``aux_in``: ``(mask rows, query tokens, key tokens, mask_fn constants, seed)``."""
+    mask, q_tok, k_tok, mask_consts, seed = aux_in
+    classes = _tile_classes(layout, q_tok, k_tok, mask, mask_consts)
+    aux = (mask, q_tok, k_tok, classes, mask_consts, seed)
+    out, lse = _ring(layout, q, k, v, bias, sinks, consts, aux)
+    if not with_mass:
+        return out, lse
+    return out, lse, _key_mass(layout, q, k, bias, consts, aux, lse)
 
 
 def _inside_mapped_computation() -> bool:
@@ -308,7 +312,7 @@ def _unstripe(x: jax.Array, axis: int, devices: int) -> jax.Array:
     return jnp.swapaxes(x, axis, axis + 1).reshape(shape)
 
 
-@register("ring", capabilities={*TOKEN_VISIBILITY, "mask", "bias", "residual"})
+@register("ring", capabilities=BLOCKWISE_FEATURES)
 def ring_attention(
     call: AttentionCall,
     *,
@@ -319,18 +323,21 @@ def ring_attention(
     block_q: int = 512,
     block_k: int = 512,
 ) -> AttentionOutput:
-    """Exact attention with the sequence split over a ring of devices; no dropout or
-    returned weights. Tiles hidden from every query (causal, window, padding, segments)
-    are skipped.
+    """Exact attention with the sequence split over a ring of devices; score and mask
+    functions, soft cap, sinks, fused dropout and the attention mass as in ``flash``; no
+    returned weights. Tiles hidden from every query (causal, window, padding, segments,
+    ``mask_fn``) are skipped; derivatives of every order (``jax.grad``, ``jax.jvp``,
+    Hessian-vector products) keep per-device memory that of the shards.
 
     Options:
       num_devices / devices: the ring (whole arrays): the first ``num_devices`` local
         devices, or ``devices``; default every local device (one inside another
         ``pmap``/``shard_map``).
       axis_name: run inside your ``shard_map``/``pmap`` over this axis: the arrays are this
-        device's sequence shards, all of one length, and so is the output. Lengths
-        (``*_seq_lengths``) and default positions refer to the whole sequence; explicit
-        positions and segment ids are this shard's. No dense ``mask`` or ``bias``.
+        device's sequence shards, all of one length, and so is the output (and the
+        attention mass: this shard's keys'). Lengths (``*_seq_lengths``), default positions
+        and the fused dropout's mask refer to the whole sequence; explicit positions and
+        segment ids are this shard's. No dense ``mask`` or ``bias``.
       ordering: ``"contiguous"`` or ``"striped"``; default striped for causal attention on
         whole arrays, else contiguous (with ``axis_name``, ``"striped"`` means device ``d``
         was given positions ``d, d + P, ...``).
@@ -344,12 +351,13 @@ def ring_attention(
         checks.fail("ordering", f"expected one of {ORDERINGS}, got {ordering!r}")
     checks.check_block_sizes(block_q=block_q, block_k=block_k)
     if axis_name is not None:
-        out, lse, c = _ring_on_shards(call, axis_name, ordering, block_q, block_k)
+        out, lse, mass, c = _ring_on_shards(call, axis_name, ordering, block_q, block_k)
     else:
-        out, lse, c = _ring_on_devices(call, _ring_devices(num_devices, devices), ordering,
-                                       block_q, block_k)  # fmt: skip
+        ring = _ring_devices(num_devices, devices)
+        out, lse, mass, c = _ring_on_devices(call, ring, ordering, block_q, block_k)
     residual = blockwise.restore_lse(lse, c) if call.return_residual else None
-    return AttentionOutput(blockwise.restore(out, c), residual)
+    mass = None if mass is None else blockwise.restore_mass(mass, c)
+    return AttentionOutput(blockwise.restore(out, c), residual, mass=mass)
 
 
 def _pad_tokens(t: Tokens, size: int) -> Tokens:
@@ -357,6 +365,7 @@ def _pad_tokens(t: Tokens, size: int) -> Tokens:
         blockwise.pad_to(t.positions, 1, size),
         blockwise.pad_to(t.valid, 1, size, False),
         None if t.segment_ids is None else blockwise.pad_to(t.segment_ids, 1, size),
+        blockwise.pad_to(t.index, 1, size),
     )
 
 
@@ -367,7 +376,7 @@ def _ring_on_devices(call: AttentionCall, ring: list, ordering: str, block_q: in
     # Shards of ceil(length / n) rounded up to whole tiles.
     sq, tq = _shard_and_tile(q_len, n, block_q)
     sk, tk = _shard_and_tile(kv_len, n, block_k)
-    c = blockwise.canonicalize(call, block_q=sq, block_k=sk)
+    c = blockwise.canonicalize(call, block_q=sq, block_k=sk, autodiff=True, function_block=(tq, tk))
     whole = dataclasses.replace(c.layout, block_q=sq, block_k=sk, num_q_blocks=n, num_k_blocks=n)
     layout = RingLayout(whole, n, ordering, RING_AXIS if n > 1 else None, tq, tk)
     pad = blockwise.pad_to
@@ -383,27 +392,44 @@ def _ring_on_devices(call: AttentionCall, ring: list, ordering: str, block_q: in
         q_tok = q_tok.map(lambda x: _stripe(x, 1, n))
         k_tok = k_tok.map(lambda x: _stripe(x, 1, n))
         bias, mask = (_stripe(_stripe(x, 3, n), 4, n) for x in (bias, mask))
-    aux = (mask, q_tok, k_tok)
+    with_mass = call.return_attention_mass
+    device = functools.partial(_ring_device, layout, with_mass)
+    aux = (mask, q_tok, k_tok, c.mask_consts, c.seed)
+    args = (q, k, v, bias, c.sinks, c.score_consts, aux)
     if n == 1:
-        out, lse = _ring(layout, q, k, v, bias, aux)
+        results = device(*args)
     else:
         rows, keys, tokens = (
             P(None, None, None, RING_AXIS),
             P(None, None, RING_AXIS),
             P(None, RING_AXIS),
         )
+        same = lambda tree: jax.tree.map(lambda _: P(), tree)  # replicated
         token_specs = lambda t: t.map(lambda _: tokens)
-        aux_specs = (None if mask is None else rows, token_specs(q_tok), token_specs(k_tok))
-        mapped = jax.shard_map(
-            functools.partial(_ring, layout),
-            mesh=Mesh(np.asarray(ring), (RING_AXIS,)),
-            in_specs=(rows, keys, keys, None if bias is None else rows, aux_specs),
-            out_specs=(rows, rows),
+        aux_specs = (
+            None if mask is None else rows,
+            token_specs(q_tok),
+            token_specs(k_tok),
+            same(c.mask_consts),
+            same(c.seed),
         )
-        out, lse = mapped(q, k, v, bias, aux)
+        bias_spec = None if bias is None else rows
+        in_specs = (rows, keys, keys, bias_spec, same(c.sinks), same(c.score_consts), aux_specs)
+        mapped = jax.shard_map(
+            device,
+            mesh=Mesh(np.asarray(ring), (RING_AXIS,)),
+            in_specs=in_specs,
+            out_specs=(rows, rows, rows) if with_mass else (rows, rows),
+            # score_fn / mask_fn were traced outside, on arrays of no manual axis type.
+            check_vma=False,
+        )
+        results = mapped(*args)
+    out, lse = results[0], results[1]
+    mass = results[2] if with_mass else None
     if ordering == "striped":
         out, lse = _unstripe(out, 3, n), _unstripe(lse, 3, n)
-    return out, lse, c
+        mass = None if mass is None else _unstripe(mass, 3, n)
+    return out, lse, mass, c
 
 
 def _ring_on_shards(call: AttentionCall, axis_name: str, ordering: str, block_q, block_k):
@@ -418,30 +444,32 @@ def _ring_on_shards(call: AttentionCall, axis_name: str, ordering: str, block_q,
     me = jax.lax.axis_index(axis_name).astype(jnp.int32)
     q_shard, kv_shard = call.visibility.q_len, call.visibility.kv_len
     whole = dataclasses.replace(call.visibility, q_len=n * q_shard, kv_len=n * kv_shard)
-    tokens = whole.tokens(
-        shard_positions(ordering, me, q_shard, n), shard_positions(ordering, me, kv_shard, n)
-    )
-    c = blockwise.canonicalize(call, block_q=q_shard, block_k=kv_shard, tokens=tokens)
-    # The key tokens travel around the ring: every one must vary over it (loop carries).
+    q_index = shard_positions(ordering, me, q_shard, n)
+    k_index = shard_positions(ordering, me, kv_shard, n)
+    tokens = whole.tokens(q_index, k_index)
+    tiles = _divisor_tile(q_shard, block_q, "block_q"), _divisor_tile(kv_shard, block_k, "block_k")
+    c = blockwise.canonicalize(
+        call, block_q=q_shard, block_k=kv_shard, tokens=tokens, autodiff=True,
+        function_block=tiles, axis_name=axis_name,
+    )  # fmt: skip
+    # Where each token sits in the whole sequence (the fused dropout's coordinates); the
+    # key tokens travel around the ring: every one must vary over it (loop carries).
+    c.q_tokens = dataclasses.replace(c.q_tokens, index=q_index[None])
+    c.k_tokens = dataclasses.replace(c.k_tokens, index=k_index[None])
     c.q_tokens, c.k_tokens = (
-        t.map(lambda x: _varying(x, axis_name)) for t in (c.q_tokens, c.k_tokens)
+        t.map(lambda x: block_features.varying(x, axis_name)) for t in (c.q_tokens, c.k_tokens)
     )
     layout = dataclasses.replace(
         c.layout, q_len=n * q_shard, kv_len=n * kv_shard, num_q_blocks=n, num_k_blocks=n
     )
-    tiles = _divisor_tile(q_shard, block_q, "block_q"), _divisor_tile(kv_shard, block_k, "block_k")
     layout = RingLayout(layout, n, ordering, axis_name, *tiles)
-    out, lse = _ring(layout, c.query, c.key, c.value, None, (None, c.q_tokens, c.k_tokens))
-    return out, lse, c
-
-
-def _varying(x: jax.Array, axis_name: str) -> jax.Array:
-    """``x`` typed as varying over ``axis_name`` inside ``shard_map`` (as arrays derived
-    from the shards are; constants are not)."""
-    axis_type = getattr(jax.typeof(x), "manual_axis_type", None)
-    if axis_type is None or axis_name in axis_type.varying:
-        return x
-    return jax.lax.pcast(x, (axis_name,), to="varying")
+    aux = (None, c.q_tokens, c.k_tokens, c.mask_consts, c.seed)
+    results = _ring_device(
+        layout, call.return_attention_mass, c.query, c.key, c.value, None, c.sinks,
+        c.score_consts, aux,
+    )  # fmt: skip
+    mass = results[2] if call.return_attention_mass else None
+    return results[0], results[1], mass, c
 
 
 def _shard_and_tile(length: int, devices: int, block: int) -> tuple[int, int]:

@@ -233,7 +233,9 @@ def test_composes_under_pmap_and_shard_map(name):
     np.testing.assert_allclose(sharded, eager, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", EXACT)
+# ring: its eager calls are slow here; test_features.py checks its fused dropout (one
+# realisation with flash's, whatever the ring and ordering) and the models train with it.
+@pytest.mark.parametrize("name", COMPOSITION)
 def test_dropout(name):
     kernel, caps = kernels.get(name), _caps(name)
     q, k, v = cf.uniform_dropout_problem()

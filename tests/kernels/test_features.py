@@ -20,6 +20,7 @@ OPTIONS = {
     "dot_product": {},
     "flash": dict(block_q=4, block_k=4),
     "chunked": dict(query_chunk_size=4, key_chunk_size=4),
+    "ring": dict(num_devices=4, block_q=2, block_k=2),
 }
 KERNELS = list(OPTIONS)
 BUCKETS = 7
@@ -141,6 +142,8 @@ def test_fused_dropout_is_one_realisation_whatever_the_blocks_and_matches_dense_
         _dropout("flash", q, k, v, rng, block_q=4, block_k=4),
         _dropout("flash", q, k, v, rng, block_q=8, block_k=2),
         _dropout("chunked", q, k, v, rng, query_chunk_size=6, key_chunk_size=4),
+        _dropout("ring", q, k, v, rng, num_devices=4, block_q=2, block_k=3),  # striped
+        _dropout("ring", q, k, v, rng, num_devices=3, ordering="contiguous"),
     ]
     first = jax.tree.leaves(runs[0])
     np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(jax.tree.leaves(runs[1])[0]))
@@ -213,15 +216,17 @@ def test_forward_mode_jvp_jacfwd_and_hessian_vector_products_match_dot_product()
     sinks = jnp.array([0.1, -0.3, 0.5, 0.0])
     tangents = jax.tree.map(lambda x: jnp.cos(3.0 * x), (q, k, v, sinks))
     results = {}
-    for name in ("dot_product", "flash"):
+    for name in ("dot_product", "flash", "ring"):
         loss = _loss(name)
         grad = jax.grad(loss, argnums=(0, 1, 2, 3))
         jvp = jax.jit(lambda *p, f=loss: jax.jvp(f, p, tangents))(q, k, v, sinks)
         hvp = jax.jit(lambda *p, g=grad: jax.jvp(g, p, tangents)[1])(q, k, v, sinks)
         jac = jax.jit(jax.jacfwd(lambda q, f=loss: f(q, k, v, sinks)))(q)
         results[name] = (jvp, hvp, jac)
-    for a, b in zip(*map(jax.tree.leaves, results.values()), strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+    for name in ("flash", "ring"):
+        leaves = jax.tree.leaves(results[name])
+        for a, b in zip(jax.tree.leaves(results["dot_product"]), leaves, strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4, err_msg=name)
 
 
 def test_mask_fn_blocks_are_classified_once_hidden_blocks_skipped():
