@@ -57,15 +57,17 @@ class BlockFunctions:
     axis_name: str | None = None
 
     def call_score_fn(self, s: jax.Array, idx: tuple, consts: tuple) -> jax.Array:
-        return self.score_fn(*self.block_inputs((s, *idx)), *consts)
+        return self.score_fn(*varying_inputs((s, *idx), self.axis_name), *consts)
 
     def call_mask_fn(self, idx: tuple, consts: tuple) -> jax.Array:
-        return self.mask_fn(*self.block_inputs(idx), *consts)
+        return self.mask_fn(*varying_inputs(idx, self.axis_name), *consts)
 
-    def block_inputs(self, args: Sequence[jax.Array]) -> list:
-        if self.axis_name is None:
-            return list(args)
-        return [varying(jnp.asarray(x), self.axis_name) for x in args]
+
+def varying_inputs(args: Sequence[jax.Array], axis_name: str | None) -> list:
+    """``args`` typed as varying over ``axis_name`` (unchanged for ``None``)."""
+    if axis_name is None:
+        return list(args)
+    return [varying(jnp.asarray(x), axis_name) for x in args]
 
 
 def varying(x: jax.Array, axis_name: str) -> jax.Array:

@@ -425,9 +425,11 @@ def _block_functions(
     """``layout`` with the call's score pipeline (``score_fn`` and ``mask_fn`` converted at
     the shapes of a ``block`` of ``(rows, columns)``), and the :class:`Canonical` fields
     that go with it."""
-    varying = block_features.BlockFunctions(axis_name=axis_name).block_inputs
-    example = varying(block_features.example_block(layout.kv_heads, layout.groups, batch, *block))
-    scores = varying([jnp.zeros((batch, layout.kv_heads, layout.groups, *block))])[0]
+    example = block_features.varying_inputs(
+        block_features.example_block(layout.kv_heads, layout.groups, batch, *block), axis_name
+    )
+    scores = jnp.zeros((batch, layout.kv_heads, layout.groups, *block))
+    scores = block_features.varying_inputs([scores], axis_name)[0]
     score_fn, score_consts = block_features.convert(call.score_fn, (scores, *example))
     mask_fn, mask_consts = block_features.convert(call.mask_fn, example)
     fns = block_features.BlockFunctions(

@@ -262,11 +262,11 @@ def _key_mass(layout: RingLayout, q, k, bias, consts, aux, lse) -> jax.Array:
 
     def step(t, carry):
         k_blk, k_tok, mass = carry
-        aux_t = _step_aux(layout, aux, t, k_tok)
+        mask_t, q_tok, _, plan_t, mask_consts, _ = _step_aux(layout, aux, t, k_tok)
+        bias_t = _columns(layout, bias, _source(layout, t))
         mass = mass + blockwise.key_mass_of(
-            tiles, aux_t[3], q, k_blk, _columns(layout, bias, _source(layout, t)), consts,
-            aux[1], k_tok, aux_t[0], aux_t[4], lse,
-        )  # fmt: skip
+            tiles, plan_t, q, k_blk, bias_t, consts, q_tok, k_tok, mask_t, mask_consts, lse
+        )
         return _shift(layout, (k_blk, k_tok, mass), 1)
 
     zeros = blockwise.zeros_like_inputs((*q.shape[:3], k.shape[2]), q, k)
