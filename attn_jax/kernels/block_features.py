@@ -222,9 +222,10 @@ def _threshold(rate: float) -> jax.Array:
 def keep(
     fns: BlockFunctions, seed: jax.Array | None, kv_heads: int, groups: int, q_tok, k_tok
 ) -> jax.Array | None:
-    """A block's float32 dropout factors ``[B or 1, h or 1, g or 1, n, m]``: ``1 / (1 -
-    rate)`` where kept, 0 where dropped (``None`` without dropout). The token ``index``
-    (the global sequence index) and batch row locate the block."""
+    """A block's dropout keep mask ``[B or 1, h or 1, g or 1, n, m]`` (bool; ``None``
+    without dropout). The kept weights' ``1 / (1 - rate)`` is left to the caller: it scales
+    the output once (:func:`dropout_scale`). The token ``index`` (the global sequence index)
+    and batch row locate the block."""
     if fns.dropout_rate == 0.0 or seed is None:
         return None
     if fns.broadcast_dropout:
@@ -234,8 +235,12 @@ def keep(
     bits = keep_bits(
         seed, batch, head, q_tok.index[:, None, None, :, None], k_tok.index[:, None, None, None, :]
     )
-    factor = jnp.float32(1.0 / (1.0 - fns.dropout_rate))
-    return jnp.where(bits < _threshold(fns.dropout_rate), factor, jnp.float32(0.0))
+    return bits < _threshold(fns.dropout_rate)
+
+
+def dropout_scale(fns: BlockFunctions) -> float:
+    """``1 / (1 - rate)``: inverted dropout's scale of the kept weights (1 without)."""
+    return 1.0 / (1.0 - fns.dropout_rate)
 
 
 def dropout_keep_mask(

@@ -205,7 +205,7 @@ def block_scores(layout: BlockLayout, q_blk, k_blk, bias_blk) -> jax.Array:
 def online_softmax_update(layout: BlockLayout, state, s, visible, v_blk, keep=None):
     """Folds one block of scores ``s [b, h, g, n, m]`` (where ``visible``; ``None``: all of
     it) and its values ``v_blk [b, h, m, dv]`` into the running ``(max [b, h, g, n], total,
-    acc [.., dv])``; ``keep``: dropout factors on the weights that reach the values."""
+    acc [.., dv])``; ``keep``: the dropout keep mask of the weights that reach the values."""
     m, total, acc = state
     if visible is not None:
         s = jnp.where(visible, s, MASK_VALUE)
@@ -214,8 +214,7 @@ def online_softmax_update(layout: BlockLayout, state, s, visible, v_blk, keep=No
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
     correction = jnp.exp(m - m_new)
-    applied = p if keep is None else p * keep
-    pv = plain_matmul(layout, "bhgqk,bhkd->bhgqd", applied, v_blk)
+    pv = plain_matmul(layout, "bhgqk,bhkd->bhgqd", dropped(p, keep), v_blk)
     return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
 
 
@@ -453,9 +452,18 @@ def _block_functions(
     return dataclasses.replace(layout, fns=fns), extras
 
 
+def dropped(p: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """The weights ``p`` that reach the values: zero where dropout drops them (their
+    ``1 / (1 - rate)`` scale is applied to the output by :func:`restore`)."""
+    return p if keep is None else jnp.where(keep, p, 0.0)
+
+
 def restore(out: jax.Array, c: Canonical) -> jax.Array:
-    """``[B, kv_heads, groups, q_pad, dv]`` -> ``[batch..., q_len, heads, dv]``."""
+    """``[B, kv_heads, groups, q_pad, dv]`` -> ``[batch..., q_len, heads, dv]``, times
+    dropout's ``1 / (1 - rate)`` (the blocks only zero the dropped weights)."""
     out = out[:, :, :, : c.layout.q_len]
+    if c.seed is not None:
+        out = out * jnp.float32(block_features.dropout_scale(c.layout.fns))
     _, kv_heads, groups, q_len, dv = out.shape
     out = out.transpose(0, 3, 1, 2, 4).reshape(*c.batch_shape, q_len, kv_heads * groups, dv)
     return out.astype(c.out_dtype)
@@ -499,7 +507,7 @@ def block_logits(
 
 
 def block_keep(layout: BlockLayout, seed, q_tok: Tokens, k_tok: Tokens):
-    """The block's dropout factors (``None`` without dropout)."""
+    """The block's dropout keep mask (``None`` without dropout)."""
     return block_features.keep(layout.fns, seed, layout.kv_heads, layout.groups, q_tok, k_tok)
 
 

@@ -57,8 +57,9 @@ def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array, consts):
             chunk_max = jax.lax.stop_gradient(s.max(-1))
             weights = jnp.where(visible, jnp.exp(s - chunk_max[..., None]), 0.0)
             keep = blockwise.block_keep(layout, c.seed, q_tok, k_tok)
-            applied = weights if keep is None else weights * keep
-            values = blockwise.matmul(layout, "bhgqk,bhkd->bhgqd", applied, v_chunk)
+            values = blockwise.matmul(
+                layout, "bhgqk,bhkd->bhgqd", blockwise.dropped(weights, keep), v_chunk
+            )
             return values, weights.sum(-1), chunk_max
 
         def hidden():

@@ -138,7 +138,8 @@ def tangent_terms(layout: BlockLayout, primals, tangents, lse):
     """The key-block sums of the JVP, linear in ``tangents`` (of ``q, k, v, bias, consts``):
     ``(sum_j p z (ds v + dv) [b, h, g, q_pad, dv], sum_j p ds [b, h, g, q_pad])`` over the
     blocks the plan does not hide, where ``p = exp(s - lse)`` are the weights, ``z`` the
-    dropout factors and ``ds`` the logits' tangent.
+    dropout keep mask (0 or 1: ``1 / (1 - rate)`` scales the output later) and ``ds`` the
+    logits' tangent.
 
     Query blocks and blocks are rematerialised, so the transpose (reverse mode) recomputes
     the weights from block-sized inputs instead of storing them.
@@ -160,7 +161,7 @@ def tangent_terms(layout: BlockLayout, primals, tangents, lse):
         if shown is not None:
             p = jnp.where(shown, p, 0.0)
         keep = blockwise.block_keep(layout, aux[5], blk.q_tok, blk.k_tok)
-        applied = p if keep is None else p * keep
+        applied = blockwise.dropped(p, keep)
         mm = functools.partial(blockwise.linear_matmul, layout, "bhgqk,bhkd->bhgqd")
         return mm(applied * ds, blk.v) + mm(applied, t_blk[3]), (p * ds).sum(-1)
 

@@ -249,6 +249,70 @@ def _attention_bwd(st, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _tangent_terms(st: _Static, q, k, v, aux: _Aux, lse, tq, tk, tv):
+    """The JVP's key-block sums in plain JAX, linear in the tangents ``tq, tk, tv``:
+    ``(sum_j p (ds v + dv) [n, g, q_pad, dv], sum_j p ds [n, g, q_pad])`` with ``p = exp(s -
+    lse)`` and ``ds`` the scores' tangent, over the key blocks of each query block's plan
+    (a static loop over all of them, so that JAX can transpose it; blocks rematerialised)."""
+    n, g, q_pad, _ = q.shape
+    expand = lambda x: jnp.repeat(x, st.kv_heads, axis=0)  # [B, len] -> [n, len]
+    q_ints, k_ints = [expand(x) for x in aux.q_tokens], [expand(x) for x in aux.k_tokens]
+    dot = lambda spec, a, b: jnp.einsum(
+        spec, a.astype(st.dtype), b.astype(st.dtype), preferred_element_type=jnp.float32
+    )
+
+    @jax.checkpoint
+    def one_query_block(iq, q, k, v, tq, tk, tv, lse):
+        rows = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, iq * st.block_q, st.block_q, axis)
+        q_blk, tq_blk, lse_blk = rows(q, 2), rows(tq, 2), rows(lse, 2)
+        q_tok = _tokens(st, *[rows(x, 1)[:, None, :] for x in q_ints])  # [n, 1, bq]
+        plan = aux.plan_q[iq]
+
+        @jax.checkpoint
+        def block(acc, k_blk, v_blk, tk_blk, tv_blk, k_ints_blk):
+            k_tok = _tokens(st, *[x[:, None, :] for x in k_ints_blk])
+            s = dot("ngqd,nkd->ngqk", q_blk, k_blk) * st.scale
+            p = jnp.where(_visible(st, q_tok, k_tok), jnp.exp(s - lse_blk[..., None]), 0.0)
+            ds = dot("ngqd,nkd->ngqk", tq_blk, k_blk) + dot("ngqd,nkd->ngqk", q_blk, tk_blk)
+            p_ds = p * ds * st.scale
+            values = dot("ngqk,nkd->ngqd", p_ds, v_blk) + dot("ngqk,nkd->ngqd", p, tv_blk)
+            return acc[0] + values, acc[1] + p_ds.sum(-1)
+
+        def body(t, acc):
+            # Block-sized operands (sliced outside the cond): what reverse mode saves per
+            # step is then a block, not the whole keys.
+            start = plan[1 + t] * st.block_k
+            cols = lambda x: jax.lax.dynamic_slice_in_dim(x, start, st.block_k, 1)
+            blocks = (cols(k), cols(v), cols(tk), cols(tv), [cols(x) for x in k_ints])
+            skip = lambda acc, *blocks: acc
+            return jax.lax.cond(t < plan[0], block, skip, acc, *blocks)
+
+        init = (jnp.zeros((n, g, st.block_q, v.shape[-1]), jnp.float32), jnp.zeros_like(lse_blk))
+        return jax.lax.fori_loop(0, st.num_k_blocks, body, init)
+
+    blocks = jnp.arange(st.num_q_blocks, dtype=jnp.int32)
+    t_values, t_lse = jax.lax.map(lambda iq: one_query_block(iq, q, k, v, tq, tk, tv, lse), blocks)
+    by_rows = lambda x: jnp.moveaxis(x, 0, 2).reshape(n, g, q_pad, *x.shape[4:])
+    return by_rows(t_values), by_rows(t_lse)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _attention_by_jvp(st: _Static, q, k, v, aux):
+    """``(out, lse)`` from the Pallas forward kernel, derivatives from :func:`_tangent_terms`
+    (forward mode, its transpose for reverse mode, and higher orders)."""
+    return _forward(st, q, k, v, aux)
+
+
+@_attention_by_jvp.defjvp
+def _attention_by_jvp_rule(st: _Static, primals, tangents):
+    q, k, v, aux = primals
+    tq, tk, tv, _ = tangents
+    out, lse = _attention_by_jvp(st, q, k, v, aux)  # itself: differentiable again
+    t_values, t_lse = _tangent_terms(st, q, k, v, aux, lse, tq, tk, tv)
+    t_out = t_values - t_lse[..., None] * out.astype(jnp.float32)
+    return (out, lse), (t_out.astype(out.dtype), t_lse)
+
+
 def _out(shape: tuple[int, ...], dtype: Any, like: jax.Array) -> jax.ShapeDtypeStruct:
     """An output type that varies over the same ``shard_map`` axes as ``like``."""
     return jax.ShapeDtypeStruct(
@@ -274,6 +338,7 @@ def pallas_flash_attention(
     block_q: int = 64,
     block_k: int = 64,
     interpret: bool | None = None,
+    forward_mode: bool = False,
 ) -> AttentionOutput:
     """Flash attention in Pallas: exact, memory linear in length, forward and backward.
     No dense ``mask`` or ``bias`` (use ``flash``), no dropout or returned weights.
@@ -283,6 +348,11 @@ def pallas_flash_attention(
         >= 16); on GPU they must be powers of two >= 16 (Triton's tiles).
       interpret: run the kernels in the Pallas interpreter (default: when the backend is
         not a GPU).
+      forward_mode: derivatives from a JVP rule in plain JAX (blockwise, memory linear in
+        length) instead of the Pallas backward kernels, so that ``jax.jvp``,
+        ``jax.jacfwd`` and Hessian-vector products work; reverse mode is then that JVP's
+        transpose (XLA), not the Pallas backward. The default (a custom VJP, whose
+        derivatives JAX cannot take in forward mode) keeps the Pallas backward.
     """
     checks.check_same_dtype(call.query, call.key, call.value)
     checks.check_block_sizes(block_q=block_q, block_k=block_k)
@@ -352,6 +422,7 @@ def pallas_flash_attention(
     k = blockwise.pad_to(k.reshape(batch * kv_heads, kv_len, d), 1, nk * bk)
     v = value.reshape(batch, kv_len, kv_heads, -1).transpose(0, 2, 1, 3)
     v = blockwise.pad_to(v.reshape(batch * kv_heads, kv_len, -1), 1, nk * bk)
-    out = _attention(st, q, k, v, aux)[:, :, :q_len, :dv]
+    out = _attention_by_jvp(st, q, k, v, aux)[0] if forward_mode else _attention(st, q, k, v, aux)
+    out = out[:, :, :q_len, :dv]
     out = out.reshape(batch, kv_heads, groups, q_len, -1).transpose(0, 3, 1, 2, 4)
     return AttentionOutput(out.reshape(*batch_shape, q_len, heads, -1).astype(call.out_dtype))

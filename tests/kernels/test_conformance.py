@@ -37,8 +37,16 @@ LOW_PRECISION_CASES = {"padding_empty_keys", "window_causal_q_lt_kv", "bias_and_
 # Cases that only vary what the front end normalises for every kernel alike (an int
 # window, a bias without a mask, the square causal case): the reference kernel only.
 FRONT_END_CASES = {"window_int", "bias", "causal_square"}
+# ring in bfloat16: test_features.py checks it (every feature at once) against float64.
+SLOW_VALUE_CASES = {("ring", jnp.dtype(jnp.bfloat16))}
 VALUE_CASES = [
-    pytest.param(name, case, dtype, id=f"{name}-{case.name}-{jnp.dtype(dtype).name}")
+    pytest.param(
+        name,
+        case,
+        dtype,
+        id=f"{name}-{case.name}-{jnp.dtype(dtype).name}",
+        marks=pytest.mark.slow if (name, jnp.dtype(dtype)) in SLOW_VALUE_CASES else (),
+    )
     for name in EXACT
     for case in cf.CASES
     for dtype in cf.DTYPES

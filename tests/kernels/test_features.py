@@ -229,6 +229,39 @@ def test_forward_mode_jvp_jacfwd_and_hessian_vector_products_match_dot_product()
             np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4, err_msg=name)
 
 
+def test_pallas_flash_forward_mode_matches_dot_product_and_keeps_its_reverse_mode():
+    """``forward_mode=True``: the Pallas forward kernel with a plain-JAX JVP rule (several
+    query and key blocks, GQA, causal + lengths + segments)."""
+    (q, k, v, _), _ = cf.make_inputs(cf.Case("h", q_len=20, kv_len=24, heads=4, kv_heads=2),
+                                     jnp.float32)  # fmt: skip
+    segments = jnp.array([[0] * 12 + [1] * 12, [0] * 24])
+    kwargs = dict(
+        is_causal=True, key_value_seq_lengths=jnp.array([24, 17]),
+        query_segment_ids=segments[:, :20], key_value_segment_ids=segments,
+    )  # fmt: skip
+    options = dict(block_q=8, block_k=8, forward_mode=True)
+    loss = lambda name, **o: (
+        lambda q, k, v: jnp.sum(jnp.sin(kernels.get(name)(q, k, v, **kwargs, **o)))
+    )
+    tangents = jax.tree.map(lambda x: jnp.cos(3.0 * x), (q, k, v))
+    results = {}
+    for name, o in (("dot_product", {}), ("pallas_flash", options)):
+        f, grad = loss(name, **o), jax.grad(loss(name, **o), argnums=(0, 1, 2))
+        jvp = jax.jit(lambda *p, f=f: jax.jvp(f, p, tangents))(q, k, v)
+        hvp = jax.jit(lambda *p, g=grad: jax.jvp(g, p, tangents)[1])(q, k, v)
+        jac = jax.jit(jax.jacfwd(lambda x, f=f: f(q * x[0], k * x[1], v * x[2])))(jnp.ones(3))
+        results[name] = (jvp, hvp, jac)
+    for a, b in zip(*(jax.tree.leaves(r) for r in results.values()), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+    # Reverse mode through the JVP's transpose equals the Pallas backward kernels'.
+    by_jvp = jax.jit(jax.grad(loss("pallas_flash", **options), argnums=(0, 1, 2)))(q, k, v)
+    by_vjp = jax.jit(jax.grad(loss("pallas_flash", block_q=8, block_k=8), argnums=(0, 1, 2)))(
+        q, k, v
+    )
+    for a, b in zip(by_jvp, by_vjp, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
 def test_mask_fn_blocks_are_classified_once_hidden_blocks_skipped():
     """A 64-token document mask of four 16-token documents: flash visits the 16 diagonal
     blocks of 8 x 8 (of 64), all of them shown entirely (no mask evaluated there)."""

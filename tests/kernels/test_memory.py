@@ -41,3 +41,14 @@ def test_doubling_length_at_most_doubles_scratch(name, gradient):
 def test_the_measure_sees_quadratic_memory():
     small, large = (scratch_bytes(KERNELS["jax.nn"], n, False) for n in (2048, 4096))
     assert large >= 3.5 * small
+
+
+def test_pallas_flash_forward_mode_keeps_memory_linear():
+    """Its derivatives through the plain-JAX JVP (forward mode and its transpose)."""
+    fn = lambda q, k, v: kernels.pallas_flash_attention(
+        q, k, v, is_causal=True, block_q=128, block_k=128, forward_mode=True
+    )
+    jvp = lambda q, k, v: jax.jvp(lambda q: fn(q, k, v), (q,), (q,))[1]
+    for name, program, gradient in (("gradient", fn, True), ("jvp", jvp, False)):
+        small, large = (scratch_bytes(program, n, gradient) for n in (1024, 2048))
+        assert large <= 2.2 * small, f"{name}: {small} -> {large} bytes ({large / small:.2f}x)"

@@ -39,12 +39,12 @@ RING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("devices", [pytest.param(d, marks=pytest.mark.slow) for d in (1, 2)] + [4])
 @pytest.mark.parametrize("case", RING_CASES)
 def test_smaller_rings_pass_the_conformance_cases(devices, case):
     """Every conformance case in float32 on rings of 1, 2 and 4 devices (the registry's
-    ring of 8 runs the whole suite, low precision included, in test_conformance.py); the
-    ring of 2 is marked slow (no communication pattern of its own: 1 has none, 4 hops)."""
+    ring of 8 runs the whole suite, float16 included, in test_conformance.py); the rings
+    of 1 and 2 are marked slow (no communication pattern of their own: 4 hops, 8 too)."""
     kernel = functools.partial(kernels.ring_attention, num_devices=devices)
     if case.needs() - set(kernels.capabilities("ring").supported()):
         cf.check_unsupported_raises(kernel, case)
