@@ -21,30 +21,14 @@ from attn_jax.kernels import patterns, ring
 from attn_jax.kernels import visibility as vis
 from tests.kernels import conformance as cf
 
-# CI runs these cases on the small rings (masks, padding, windows, bias, GQA, unequal
-# lengths, batch shapes, empty rows); the rest are marked slow (`pytest -m slow`).
-REPRESENTATIVE = {
-    "causal_q_lt_kv",
-    "causal_q_gt_kv",
-    "padding_empty_keys",
-    "window_causal_q_lt_kv",
-    "bias_and_mask",
-    "gqa",
-    "fully_masked_rows",
-    "extra_batch_dims",
-}
-RING_CASES = [
-    pytest.param(c, id=c.name, marks=() if c.name in REPRESENTATIVE else pytest.mark.slow)
-    for c in cf.CASES
-]
 
-
-@pytest.mark.parametrize("devices", [pytest.param(d, marks=pytest.mark.slow) for d in (1, 2)] + [4])
-@pytest.mark.parametrize("case", RING_CASES)
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2, 4])
+@pytest.mark.parametrize("case", cf.CASES, ids=lambda c: c.name)
 def test_smaller_rings_pass_the_conformance_cases(devices, case):
-    """Every conformance case in float32 on rings of 1, 2 and 4 devices (the registry's
-    ring of 8 runs the whole suite, float16 included, in test_conformance.py); the rings
-    of 1 and 2 are marked slow (no communication pattern of their own: 4 hops, 8 too)."""
+    """Every conformance case in float32 on rings of 1, 2 and 4 devices, marked slow: the
+    registry's ring of 8 runs the whole suite (float16 included) in test_conformance.py,
+    and test_features.py runs every feature on a ring of 4 (a mesh of some devices)."""
     kernel = functools.partial(kernels.ring_attention, num_devices=devices)
     if case.needs() - set(kernels.capabilities("ring").supported()):
         cf.check_unsupported_raises(kernel, case)

@@ -549,7 +549,7 @@ def additive_problems(draw):
     return args, mask, q_lengths, kv_lengths, ct, is_causal
 
 
-@settings(max_examples=40)
+@settings(max_examples=25)
 @given(problem=additive_problems())
 def test_additive_property_matches_reference(problem):
     args, mask, q_lengths, kv_lengths, ct, is_causal = problem
