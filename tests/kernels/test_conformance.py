@@ -19,7 +19,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, PartitionSpec
 
-from attn_jax import kernels
+from attn_jax import kernels, testing
 from attn_jax.kernels import reference as ref
 from tests.kernels import conformance as cf
 
@@ -38,63 +38,45 @@ LOW_PRECISION_CASES = {"padding_empty_keys", "window_causal_q_lt_kv", "bias_and_
 # window, a bias without a mask, the square causal case): the reference kernel only.
 FRONT_END_CASES = {"window_int", "bias", "causal_square"}
 # ring in bfloat16: test_features.py checks it (every feature at once) against float64.
-SLOW_VALUE_CASES = {("ring", jnp.dtype(jnp.bfloat16))}
-VALUE_CASES = [
-    pytest.param(
-        name,
-        case,
-        dtype,
-        id=f"{name}-{case.name}-{jnp.dtype(dtype).name}",
-        marks=pytest.mark.slow if (name, jnp.dtype(dtype)) in SLOW_VALUE_CASES else (),
-    )
-    for name in EXACT
-    for case in cf.CASES
-    for dtype in cf.DTYPES
-    if name == "dot_product"
-    or (dtype == jnp.float32 and case.name not in FRONT_END_CASES)
-    or case.name in LOW_PRECISION_CASES
-]
+SLOW_VALUE_CASES = {("ring", "bfloat16")}
+ALL_DTYPES = [jnp.dtype(d).name for d in cf.DTYPES]
 
 
-@pytest.mark.parametrize("name, case, dtype", VALUE_CASES)
-def test_values_and_gradients_match_float64_reference(name, case, dtype):
-    kernel, caps = kernels.get(name), _caps(name)
-    missing = case.needs() - set(caps.supported())
-    if missing:
-        cf.check_unsupported_raises(kernel, case)
-        return
-    cf.check_against_reference(kernel, case, dtype)
+def _selected(name: str, check: testing.ConformanceCase) -> bool:
+    if check.kind != "values" or name == "dot_product":
+        return True
+    if check.dtype == "float32":
+        return check.case.name not in FRONT_END_CASES
+    return check.case.name in LOW_PRECISION_CASES
+
+
+def _params(kinds, names=EXACT):
+    return [
+        pytest.param(
+            name,
+            check,
+            id=f"{name}-{check.id}",
+            marks=pytest.mark.slow if (name, check.dtype) in SLOW_VALUE_CASES else (),
+        )
+        for name in names
+        for check in testing.conformance_cases(ALL_DTYPES, kinds=kinds)
+        if _selected(name, check)
+    ]
+
+
+@pytest.mark.parametrize("name, check", _params(["values"]))
+def test_values_and_gradients_match_float64_reference(name, check):
+    testing.check_kernel(name, cases=[check])
 
 
 # The strict modes jax's own test suite runs in: 64-bit types (int64 lengths and positions
 # meet the kernels' int32 indices) and rank promotion as an error (every broadcast explicit).
-STRICT_MODES = {
-    "x64": lambda: jax.enable_x64(True),
-    "rank_promotion_raise": lambda: jax.numpy_rank_promotion("raise"),
-}
-STRICT_CASES = [
-    c
-    for c in cf.CASES
-    if c.name
-    in (
-        "random_mask_broadcast_heads",
-        "bias_broadcast_and_causal",
-        "segments_cross",
-        "decode_positions_window",
-    )
-]
+STRICT_MODES = testing.suite.STRICT_MODES
 
 
-@pytest.mark.parametrize("mode", STRICT_MODES)
-@pytest.mark.parametrize("case", STRICT_CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("name", EXACT)
-def test_strict_jax_modes(name, case, mode):
-    kernel, caps = kernels.get(name), _caps(name)
-    with STRICT_MODES[mode]():
-        if case.needs() - set(caps.supported()):
-            cf.check_unsupported_raises(kernel, case)
-        else:
-            cf.check_against_reference(kernel, case, jnp.float32, record=False)
+@pytest.mark.parametrize("name, check", _params(["strict"]))
+def test_strict_jax_modes(name, check):
+    testing.check_kernel(name, cases=[check])
 
 
 APPROXIMATE = kernels.available(interface="dot_product", exact=False)
@@ -116,27 +98,16 @@ def test_approximate_kernels_in_strict_jax_modes(name, mode):
         assert np.isfinite(out) and np.all(np.isfinite(grads))
 
 
-PADDING_CASES = [
-    c
-    for c in cf.CASES
-    if c.name
-    in (
-        "padding_empty_keys",
-        "masked_columns",
-        "segments_window_lengths",
-        "decode_positions_window",
-    )
-]
+PADDING_CASES = [c for c in cf.CASES if c.name in testing.suite.PADDING_CASES]
 
 
-@pytest.mark.parametrize("case", PADDING_CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("name", kernels.available(interface="dot_product"))
-def test_nan_and_inf_in_padding_never_leak(name, case):
-    caps = _caps(name)
-    if case.needs() - set(caps.supported()):
-        pytest.skip(f"{name} lacks {sorted(case.needs() - set(caps.supported()))}")
-    kernel = functools.partial(kernels.get(name), **_approximate_options(name))
-    cf.check_padding_never_leaks(kernel, case)
+@pytest.mark.parametrize(
+    "name, check", _params(["padding"], kernels.available(interface="dot_product"))
+)
+def test_nan_and_inf_in_padding_never_leak(name, check):
+    report = testing.check_kernel(name, cases=[check], **_approximate_options(name))
+    if report["skipped"]:
+        pytest.skip(report["skipped"][0])
 
 
 @pytest.mark.parametrize("name", kernels.available(interface="dot_product"))
