@@ -10,6 +10,10 @@ validity and segment ids. Tiles are loaded in their storage dtype (bfloat16 / fl
 stay 16-bit, for the tensor cores) and every matmul accumulates in float32, as do the
 softmax statistics. On GPU they compile through Triton; elsewhere they run with
 ``interpret=True`` (the CPU test suite runs them at small sizes that way).
+
+JAX takes no forward-mode derivative of a custom VJP, so ``forward_mode=True`` swaps the
+backward kernels for a JVP rule in plain JAX (blockwise, the forward kernel's
+log-sum-exp reused), which JAX transposes for reverse mode and differentiates again.
 """
 
 from __future__ import annotations
