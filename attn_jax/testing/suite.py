@@ -37,14 +37,6 @@ PADDING_CASES = (
     "segments_window_lengths",
     "decode_positions_window",
 )
-_KWARG_OF_NEED = {
-    "mask": "mask",
-    "causal": "is_causal",
-    "window": "local_window_size",
-    "seq_lengths": "key_value_seq_lengths",
-    "segments": "query_segment_ids",
-    "positions": "query_positions",
-}
 
 
 @dataclasses.dataclass(frozen=True)
