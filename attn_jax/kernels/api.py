@@ -13,7 +13,8 @@ and hands the resulting :class:`AttentionCall` to the kernel chosen by ``impleme
   kernel that supports the arguments on this backend and shape.
 
 Every registered kernel's public function (``kernels.get(name)``) is this front end with
-``implementation=name``.
+``implementation=name``. Called eagerly, it runs the whole call compiled
+(:mod:`attn_jax.kernels.eager`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn_jax.kernels import checks, registry
+from attn_jax.kernels import checks, eager, registry
 from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.checks import AttentionInputError, UnsupportedArgumentError
 
@@ -493,6 +494,15 @@ def dot_product_attention(
       promised it finite).
     """
     raw = {k: v for k, v in locals().items() if k in _call_arguments()}
+    if module is None and eager.ours(implementation):
+        parts = eager.split(
+            {
+                "query": query, "key": key, "value": value, "bias": bias, "mask": mask,
+                "implementation": implementation, **raw, **kernel_options,
+            }
+        )  # fmt: skip
+        if parts is not None:
+            return eager.compiled_call(dot_product_attention, *parts)
     names = _implementations(implementation)
     if kernel_options and (names is None or len(names) != 1):
         raise AttentionInputError(

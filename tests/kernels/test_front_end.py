@@ -171,3 +171,24 @@ def test_finite_kv_padding_must_be_a_bool():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"'finite_kv_padding'.*True or False"):
         kernels.dot_product_attention(q, k, v, finite_kv_padding="yes")
+
+
+def test_eager_calls_run_as_one_cached_compiled_call():
+    from attn_jax.kernels import eager
+
+    q = jnp.asarray(np.random.RandomState(0).randn(1, 6, 2, 8), jnp.float32)
+    before = eager._jitted._cache_size()
+    first = kernels.flash_attention(q, q, q, is_causal=True, block_q=4, block_k=4)
+    again = kernels.flash_attention(q * 1.0, q, q, is_causal=True, block_q=4, block_k=4)
+    assert eager._jitted._cache_size() == before + 1  # one program, reused
+    traced = jax.jit(lambda x: kernels.flash_attention(x, x, x, is_causal=True, block_q=4,
+                                                       block_k=4))(q)  # fmt: skip
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first, traced, atol=1e-6)
+    # Callables, arrays where concrete numbers are checked, and flax modules run as given.
+    kernels.flash_attention(q, q, q, score_fn=lambda s, b, h, i, j: s - (i - j) * 0.1)
+    kernels.dot_product_attention(q, q, q, scale=jnp.float32(0.5))
+    assert eager._jitted._cache_size() == before + 1
+    kernels.dot_product_attention(q, q, q, local_window_size=1)
+    with pytest.raises(ValueError, match="local_window_size"):  # True is not 1
+        kernels.dot_product_attention(q, q, q, local_window_size=True)
