@@ -134,10 +134,25 @@ def _one_line(error: Exception) -> str:
     return message
 
 
+def resolve_config(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config`` defaulted and its file found: a path that does not exist
+    from the working directory but does among the installed configs (``configs/mqar.py``
+    run from anywhere by ``attn-jax-launch``) is made absolute."""
+    argv = list(argv)
+    for index, argument in enumerate(argv[1:], 1):
+        if argument == "--config" and index + 1 < len(argv):  # --config FILE
+            argv[index : index + 2] = [argument := f"--config={argv[index + 1]}"]
+        if argument.startswith("--config="):
+            path, colon, arg = argument.removeprefix("--config=").partition(":")
+            if not pathlib.Path(path).exists() and (ROOT / path).is_file():
+                argv[index] = f"--config={ROOT / path}{colon}{arg}"
+            return argv
+    return [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing that turns bad flags and config errors into one line, exit code 2."""
-    if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
-        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    argv = resolve_config(argv)
     try:
         remaining = flags.FLAGS(argv)
         _CONFIG.value.keys()  # loads the config file now, so a missing file fails here
@@ -154,10 +169,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def default_workdir() -> pathlib.Path:
-    """``runs/NAME[_ARG]`` from the ``--config`` file name and variant."""
+    """``runs/NAME[_ARG]`` from the ``--config`` file name and its arguments."""
     spec = config_flags.get_config_filename(flags.FLAGS["config"])
     name = pathlib.Path(spec.split(":")[0]).stem
     arg = spec.split(":", 1)[1] if ":" in spec else ""
+    arg = arg.replace(",", "_").replace("=", "-")  # quick,seq_len=128 -> quick_seq_len-128
     return pathlib.Path("runs") / (f"{name}_{arg}" if arg else name)
 
 
@@ -324,5 +340,10 @@ def main(argv: Sequence[str]) -> None:
     print(demo.format_table(rows))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``attn-jax-launch`` console script: ``python launch.py`` from any directory."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

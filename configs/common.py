@@ -1,5 +1,7 @@
 """Defaults shared by every training config (``from configs import common``)."""
 
+from typing import Any
+
 import ml_collections
 
 
@@ -94,14 +96,79 @@ def lm_packing(data: ml_collections.ConfigDict) -> None:
     data.pack_length = 0
 
 
+def parse_arg(arg: str | None, path: str, **spec: Any) -> ml_collections.ConfigDict:
+    """Named config arguments, as big_vision's ``parse_arg``: ``--config=FILE:ARG`` with
+    ``ARG`` like ``quick,seq_len=128``.
+
+    Args:
+      arg: the string after ``:`` (``None``: every argument at its default):
+        comma-separated ``name=value`` items; a bare ``name`` means ``name=True``.
+      path: the config file, for error messages.
+      **spec: each argument's default, whose type (bool, int, float or str) parses the
+        value; or ``(default, type)`` (e.g. ``(None, int)``).
+
+    Returns:
+      The arguments by name (``args.quick``, ``args.seq_len``).
+
+    Raises:
+      ValueError: one line naming ``path`` and the argument, for an unknown argument, one
+        given twice, or a value its type cannot parse.
+    """
+    types = {}
+    result = ml_collections.ConfigDict()
+    for name, default in spec.items():
+        default, kind = default if isinstance(default, tuple) else (default, type(default))
+        types[name] = kind
+        result[name] = default
+    given: set[str] = set()
+    for item in (arg or "").split(","):
+        if not item.strip():
+            continue
+        name, equals, text = (part.strip() for part in item.partition("="))
+        if name not in types:
+            raise ValueError(
+                f"{path}: unknown config argument {name!r} in {arg!r}; expected one of "
+                f"{', '.join(types)}"
+            )
+        if name in given:
+            raise ValueError(f"{path}: config argument {name!r} given twice in {arg!r}")
+        given.add(name)
+        result[name] = _parse_value(path, name, text if equals else "True", types[name])
+    return result
+
+
+def _parse_value(path: str, name: str, text: str, kind: type) -> Any:
+    """``text`` as a ``kind``; a bad value raises naming ``path`` and ``name``."""
+    if kind is bool:
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if text.lower() in words:
+            return words[text.lower()]
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    expected = {bool: "True or False", int: "an integer", float: "a number"}
+    raise ValueError(
+        f"{path}: config argument {name!r} expects {expected.get(kind, kind.__name__)}, "
+        f"got {text!r}"
+    )
+
+
 def is_quick(arg: str | None, path: str) -> bool:
-    """The variant of a task config: ``"quick"`` (CPU, minutes) -> True; ``None`` or
-    ``"full"`` (sized for an accelerator) -> False; anything else raises naming ``path``."""
-    if arg in (None, "full"):
-        return False
-    if arg == "quick":
-        return True
-    raise ValueError(f"{path}: unknown variant {arg!r}; expected 'quick' or 'full'")
+    """The variant of a task config without further arguments: ``"quick"`` (CPU,
+    minutes) -> True; ``None`` or ``"full"`` (sized for an accelerator) -> False; anything
+    else raises naming ``path`` (see :func:`variant`)."""
+    return variant(arg, path).quick
+
+
+def variant(arg: str | None, path: str, **spec: Any) -> ml_collections.ConfigDict:
+    """:func:`parse_arg` with the two sizes every task config has, ``quick`` (CPU,
+    minutes) and ``full`` (an accelerator, the default), plus ``spec``."""
+    args = parse_arg(arg, path, quick=False, full=False, **spec)
+    if args.quick and args.full:
+        raise ValueError(f"{path}: config arguments 'quick' and 'full' exclude each other")
+    return args
 
 
 def _schedule(config: ml_collections.ConfigDict, steps: int, batch: int, every: int) -> None:

@@ -3,6 +3,7 @@
     python launch.py --config=configs/mqar.py                 # the quickstart run (CPU)
     python launch.py --config=configs/mqar.py:quick           # a few steps, smoke test
     python launch.py --config=configs/mqar.py:full            # accelerator (Zoology sizes)
+    python launch.py --config=configs/mqar.py:quick,seq_len=128,num_kv_pairs=8
     python launch.py --config=configs/mqar.py --config.model.attention=dot_product
     python launch.py --config=configs/mqar.py --sweep                 # grid: get_sweep()
     python launch.py --config=configs/mqar.py --sweep --sweep_backend=optuna --optuna_trials=20
@@ -31,10 +32,26 @@ import ml_collections
 
 from configs import common
 
+ARGUMENTS = {
+    "seq_len": (None, int),
+    "num_kv_pairs": (None, int),
+    "width": (None, int),
+    "num_layers": (None, int),
+    "attention": (None, str),
+}
+
+
+def _arguments(arg: str | None) -> ml_collections.ConfigDict:
+    return common.variant(arg, "configs/mqar.py", **ARGUMENTS)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: ``None`` (the CPU quickstart run), ``"quick"`` (an 8-step smoke test) or
-    ``"full"`` (Zoology's largest setting: length 512, 64 pairs, width 256, batch 512)."""
+    """``arg``: named arguments (``configs.common.parse_arg``): ``quick`` (an 8-step
+    smoke test) or ``full`` (Zoology's largest setting: length 512, 64 pairs, width 256,
+    batch 512), neither: the CPU quickstart run; then ``seq_len=``, ``num_kv_pairs=``,
+    ``width=``, ``num_layers=``, ``attention=`` (a kernel name), e.g.
+    ``configs/mqar.py:quick,seq_len=128``."""
+    args = _arguments(arg)
     config = common.base_config()
     config.data = ml_collections.ConfigDict()
     config.data.name = "mqar"
@@ -61,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.0
     config.train.steps = 2000
     config.train.batch_size = 32
-    if arg == "quick":
+    if args.quick:
         config.data.num_train = 512
         config.data.num_eval = 64
         config.train.steps = 8
@@ -70,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.eval_every = 4
         config.train.checkpoint_every = 4
         config.optim.warmup_steps = 2
-    elif arg == "full":  # Zoology's largest setting, for an accelerator
+    elif args.full:  # Zoology's largest setting, for an accelerator
         config.data.seq_len = 512
         config.data.num_kv_pairs = 64
         config.data.num_eval = 3_072
@@ -80,8 +97,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.eval_every = 1_250
         config.train.checkpoint_every = 1_250
         config.optim.learning_rate = 3e-3  # hidden matrices at 7.5e-4 (width 256)
-    elif arg is not None:
-        raise ValueError(f"configs/mqar.py: unknown variant {arg!r}; expected 'quick' or 'full'")
+    for name, field in (
+        ("seq_len", config.data),
+        ("num_kv_pairs", config.data),
+        ("width", config.model),
+        ("num_layers", config.model),
+        ("attention", config.model),
+    ):
+        if args[name] is not None:
+            field[name] = args[name]
     return config
 
 
@@ -89,7 +113,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     """Trials for ``launch.py --sweep``: learning rate x positions (2 quick trials)."""
     from attn_jax.train.sweep import product
 
-    if arg == "quick":
+    if _arguments(arg).quick:
         return product(**{"optim.learning_rate": [1e-3, 3e-3]})
     return product(
         **{"optim.learning_rate": [1e-3, 3e-3, 1e-2], "model.positions": ["learned", "rope"]}
@@ -100,7 +124,7 @@ def get_search_space(arg: str | None = None) -> dict:
     """Search space for ``launch.py --sweep --sweep_backend=optuna``."""
     from attn_jax.train.optuna_search import categorical, integers, log_uniform
 
-    if arg == "quick":
+    if _arguments(arg).quick:
         return {"optim.learning_rate": log_uniform(1e-3, 1e-2)}
     return {
         "optim.learning_rate": log_uniform(3e-4, 1e-2),

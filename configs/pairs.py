@@ -28,12 +28,8 @@ SAMPLES = pathlib.Path(__file__).resolve().parent / "samples" / "pairs"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """``arg``: ``"quick"`` (CPU, about a minute) or ``None`` / ``"full"`` (accelerator),
     then optionally ``",rnn"``."""
-    words = (arg or "").split(",")
-    rnn = "rnn" in words
-    words = [w for w in words if w and w != "rnn"]
-    if len(words) > 1:
-        raise ValueError(f"configs/pairs.py: unknown variant {arg!r}; expected quick|full[,rnn]")
-    quick = common.is_quick(words[0] if words else None, "configs/pairs.py")
+    args = common.variant(arg, "configs/pairs.py", rnn=False)
+    quick, rnn = args.quick, args.rnn
     config = common.base_config()
     config.data = ml_collections.ConfigDict()
     config.data.name = "pairs"

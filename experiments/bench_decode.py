@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pathlib
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -29,8 +28,6 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from attn_jax import decode, models
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments import reporting
 
 FLAGS = flags.FLAGS

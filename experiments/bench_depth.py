@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pathlib
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -31,8 +30,6 @@ from absl import app, flags
 
 from attn_jax import models
 from attn_jax.models.layer_stack import REMAT_POLICIES
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments import reporting
 
 FLAGS = flags.FLAGS

@@ -23,13 +23,9 @@ Writes ``bench_features.json`` and ``bench_features.md`` to ``--out_dir``::
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import pathlib
 import platform
-import sys
 import time
 from typing import Any
 
@@ -37,8 +36,6 @@ import optax
 from absl import app, flags
 
 from attn_jax import decode, kernels, models
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments import reporting
 from experiments.bench_kernels import take_turns
 from experiments.flax_lm import FlaxLM

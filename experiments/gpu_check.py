@@ -65,8 +65,6 @@ import pytest
 from absl import app, flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # experiments.* and attn_jax from a checkout
 
 from attn_jax import kernels  # noqa: E402
 from attn_jax.kernels import api  # noqa: E402

@@ -15,12 +15,8 @@ writes ``h2o.json`` / ``h2o.md`` to ``--out_dir``::
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

@@ -14,14 +14,12 @@ accuracy of that test split, the floor every model should beat. Writes ``listops
 from __future__ import annotations
 
 import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments.reporting import (
     load_config,
     markdown_table,

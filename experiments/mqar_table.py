@@ -24,13 +24,11 @@ Writes ``mqar.json``, ``mqar.md`` and ``mqar.png``::
 from __future__ import annotations
 
 import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments.reporting import (
     load_config,
     markdown_table,

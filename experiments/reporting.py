@@ -1,7 +1,7 @@
 """Shared by the reproduction scripts: configs by name, resumable trials, tables, figures.
 
-The scripts put the repository root on ``sys.path`` (``configs/`` and ``experiments/``
-are imported as packages from there).
+``configs`` and ``experiments`` are packages installed with attn_jax (``pip install -e .``),
+so the scripts import them from any directory.
 
 Every script trains its trials through the launcher's own loop (so each trial directory is
 an ordinary run directory: checkpoints, metrics, ``final_metrics.json``, attention plots),

@@ -15,15 +15,12 @@ split. Writes ``scan.json``, ``scan.md`` (overall, and by action-sequence length
 from __future__ import annotations
 
 import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
 
 from attn_jax.data import scan
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments.reporting import (
     load_config,
     markdown_table,

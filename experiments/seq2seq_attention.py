@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs, experiments
 from experiments.reporting import (
     load_config,
     markdown_table,

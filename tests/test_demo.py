@@ -62,7 +62,8 @@ def test_launch_runs_the_kernel_demo_with_overrides():
         (["--config.nokey=3"], "--config.nokey: no such key in the config"),
         (["--config.batch=abc"], "--config.batch=abc"),
         (["--config=configs/missing.py"], "No such file or directory"),
-        ([f"--config={ROOT}/configs/kernel_demo.py:fast"], "unknown variant 'fast'"),
+        ([f"--config={ROOT}/configs/kernel_demo.py:fast"], "unknown config argument 'fast'"),
+        ([f"--config={ROOT}/configs/kernel_demo.py:seq_len=x"], "'seq_len' expects an integer"),
         (["--nosuchflag"], "nosuchflag"),
     ],
 )
