@@ -42,12 +42,37 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
-        """Saves ``state`` (a pytree, on host) at ``step``; ``metrics`` rank it for "best"."""
-        self.manager.save(
-            step, args=ocp.args.StandardSave(jax.device_get(state)), metrics=metrics, force=True
-        )
+    def save(
+        self,
+        step: int,
+        state: Any,
+        metrics: dict[str, float] | None = None,
+        loader: dict[str, Any] | None = None,
+    ) -> None:
+        """Saves ``state`` (a pytree, on host) at ``step`` as the item ``state``, and the
+        data loader's state (JSON) as the item ``loader``; ``metrics`` rank it for
+        "best"."""
+        items = {"state": ocp.args.StandardSave(jax.device_get(state))}
+        if loader is not None:
+            items["loader"] = ocp.args.JsonSave(loader)
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         self.manager.wait_until_finished()
+
+    def _restore(self, step: int, template: Any) -> tuple[Any, dict[str, Any] | None]:
+        """``(state, loader state or None)`` of ``step``; a checkpoint written before the
+        loader's state was saved (one unnamed item) restores with no loader state."""
+        path = self.directory / str(step)
+        if (path / "default").is_dir():
+            legacy = ocp.CheckpointManager(self.directory)
+            try:
+                return legacy.restore(step, args=ocp.args.StandardRestore(template)), None
+            finally:
+                legacy.close()
+        items = {"state": ocp.args.StandardRestore(template)}
+        if (path / "loader").is_dir():
+            items["loader"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], restored.get("loader")
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -55,8 +80,9 @@ class Checkpoints:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def restore_latest(self, template: Any) -> Any | None:
-        """The newest readable checkpoint shaped like ``template``, or ``None`` if none.
+    def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any] | None] | None:
+        """``(state, loader state)`` of the newest readable checkpoint, the state shaped
+        like ``template`` (the loader state ``None`` if it has none), or ``None`` if none.
 
         An unreadable checkpoint (e.g. truncated by a crash) is skipped with a warning and
         moved, intact, to ``<directory>/../unreadable_checkpoints/<step>`` so training can
@@ -66,7 +92,7 @@ class Checkpoints:
         restored = None
         for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(step, args=ocp.args.StandardRestore(template))
+                restored = self._restore(step, template)
                 break
             except Exception as error:
                 first_line = (str(error).splitlines() or [""])[0][:200]

@@ -8,6 +8,7 @@ evaluation or checkpoint step reads them. A NaN/inf loss freezes the state on th
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import subprocess
@@ -20,11 +21,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from attn_jax.data.pipeline import TrainBatches
 from attn_jax.train.checkpoints import Checkpoints
 from attn_jax.train.metrics import PLOT_LOCK, MetricsWriter, plot_learning_curve
 from attn_jax.train.optim import make_optimizer
 from attn_jax.train.parallelism import DataParallel, SequenceParallel
-from attn_jax.train.prefetch import Prefetcher
 from attn_jax.train.state import Divergence, TrainState
 from attn_jax.train.tasks import Task, build_task, init_params
 from attn_jax.train.termination import sigterm_stops, stop_requested
@@ -136,9 +137,10 @@ def train_and_evaluate(
         (workdir / "versions.json").write_text(json.dumps(_versions(), indent=2))
     checkpoints = Checkpoints(workdir / "checkpoints", keep=train.keep_checkpoints)
     restored = checkpoints.restore_latest(state)
-    resumed_from = None
+    resumed_from, loader_state = None, None
     if restored is not None:
-        state, resumed_from = restored, int(restored.step)
+        state, loader_state = restored
+        resumed_from = int(state.step)
         _say(f"resuming from step {resumed_from}", label)
 
     seq = train.get("sequence_parallel", 1)
@@ -169,16 +171,23 @@ def train_and_evaluate(
             "config.optim.learning_rate or check the data"
         )
 
+    batches = TrainBatches(
+        functools.partial(_train_batch, task.train, train.batch_size),
+        strategy.place_batch,
+        stop=total_steps,
+        workers=config.data.get("workers", 0),
+    )
+    if loader_state is not None:
+        batches.restore(loader_state)
+    else:
+        batches.start_at(step)
+
     def save(step: int, metrics: dict[str, float] | None) -> None:
         check_divergence()  # never a checkpoint of a diverged state
-        checkpoints.save(step, strategy.host(pstate), metrics)
+        checkpoints.save(step, strategy.host(pstate), metrics, loader=batches.state())
 
-    make_batch = lambda step: task.train.batch(step, train.batch_size)
     try:
-        with (
-            sigterm_stops(),
-            Prefetcher(make_batch, strategy.place_batch, start=step, stop=total_steps) as batches,
-        ):
+        with sigterm_stops(), batches:
             # The host reads the device only here and there: the divergence record at log,
             # eval and checkpoint steps, the metrics at log steps.
             for batch_step, batch in batches:
@@ -249,3 +258,8 @@ def _final_evaluation(task: Task, params: Any, workdir: pathlib.Path, label: str
             where = f"{len(paths)} in {workdir / 'attention'}" if paths else "none (no weights)"
             _say(f"attention plots: {where}", label)
     return final
+
+
+def _train_batch(dataset: Any, batch_size: int, step: int) -> dict[str, Any]:
+    """The batch of training ``step`` (module level: worker processes pickle it)."""
+    return dataset.batch(step, batch_size)

@@ -88,6 +88,12 @@ def validate_train_config(
             "train.num_devices",
         ):
             _positive(config, path, allow_zero=True)
+        workers = config.data.get("workers", 0)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ConfigError(
+                f"config.data.workers: expected an integer >= 0 (worker processes building "
+                f"batches), got {workers!r}"
+            )
         if config.optim.get("lr_reference_width", 0):
             _positive(config, "optim.lr_reference_width")
             try:

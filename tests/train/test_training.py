@@ -90,9 +90,13 @@ def _final_params(workdir):
     """(step, params) of the newest checkpoint in ``workdir``, restored as raw arrays."""
     ckpt = Checkpoints(pathlib.Path(workdir) / "checkpoints", keep=3)
     step = ckpt.steps()[-1]
-    state = ckpt.manager.restore(step, args=ocp.args.StandardRestore())
+    restored = ckpt.manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(), loader=ocp.args.JsonRestore()),
+    )
     ckpt.close()
-    return step, state["params"]
+    assert restored["loader"] == {"next_index": step}  # the data loader's state, saved too
+    return step, restored["state"]["params"]
 
 
 def _launch(workdir, *flags, env=None, audit=None):

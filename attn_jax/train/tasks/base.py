@@ -112,10 +112,17 @@ class TaskDefinition:
     sequence_parallel: bool = False  # supports config.train.sequence_parallel > 1
 
 
+# config.data fields every task has: read by the training pipeline, not the task.
+PIPELINE_FIELDS = ("workers",)
+
+
 def check_fields(
     node: ml_collections.ConfigDict, allowed: Iterable[str], prefix: str
 ) -> dict[str, Any]:
-    """``node`` as a dict, raising ``ValueError`` for keys outside ``allowed``."""
+    """``node`` as a dict, raising ``ValueError`` for keys outside ``allowed`` (for
+    ``config.data``, the training pipeline's own fields are allowed too)."""
+    if prefix == "config.data":
+        allowed = {*allowed, *PIPELINE_FIELDS}
     values = dict(node.items())
     unknown = sorted(set(values) - set(allowed))
     if unknown:
