@@ -38,10 +38,18 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+def data_config() -> ml_collections.ConfigDict:
+    """A new ``config.data`` holding the fields the training pipeline reads for every
+    task: ``workers``, worker processes building batches (grain; 0: threads of the
+    trainer). Task configs add their own fields."""
+    data = ml_collections.ConfigDict()
+    data.workers = 0
+    return data
+
+
 def scan_data() -> ml_collections.ConfigDict:
     """``config.data`` of SCAN: the split, the monitored test subset, length buckets."""
-    data = ml_collections.ConfigDict()
-    data.workers = 0  # worker processes building batches (grain); 0: threads
+    data = data_config()
     data.name = "scan"
     data.split = "simple"  # simple | length | addprim_jump
     data.num_eval = 512  # test pairs evaluated (teacher-forced) while training
@@ -53,8 +61,7 @@ def scan_data() -> ml_collections.ConfigDict:
 
 def numbers_data() -> ml_collections.ConfigDict:
     """``config.data`` of English -> German number translation (``attn_jax.data.numbers``)."""
-    data = ml_collections.ConfigDict()
-    data.workers = 0  # worker processes building batches (grain); 0: threads
+    data = data_config()
     data.name = "numbers"
     data.max_digits = 9  # numbers below 10**9: 1 to 22 English tokens
     data.num_train = 20_000
@@ -83,8 +90,7 @@ def lm_model() -> ml_collections.ConfigDict:
 
 def digits_data() -> ml_collections.ConfigDict:
     """``config.data`` of scikit-learn's 8x8 digits (``attn_jax.data.digits``)."""
-    data = ml_collections.ConfigDict()
-    data.workers = 0  # worker processes building batches (grain); 0: threads
+    data = data_config()
     data.name = "digits"
     data.test_fraction = 0.2  # 1,437 train / 360 test images, stratified
     data.num_eval = 320  # test images evaluated while training (a multiple of the batch)

@@ -18,8 +18,7 @@ from configs import common
 
 def captions_data(quick: bool) -> ml_collections.ConfigDict:
     """``config.data`` of the digit-strip captions (``attn_jax.data.digit_strips``)."""
-    data = ml_collections.ConfigDict()
-    data.workers = 0  # worker processes building batches (grain); 0: threads
+    data = common.data_config()
     data.name = "digit_captions"
     data.num_train = 20_000 if quick else 100_000  # strips of 1,293 of the 1,437 train images
     data.num_test = 1_000  # strips of the 360 test images

@@ -14,8 +14,7 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """``arg``: ``"quick"`` (CPU, minutes), or ``None`` / ``"full"`` (sized for an accelerator)."""
     config = common.base_config()
-    config.data = ml_collections.ConfigDict()
-    config.data.workers = 0  # worker processes building batches (grain); 0: threads
+    config.data = common.data_config()
     config.data.name = "induction"
     common.lm_packing(config.data)
     config.data.num_symbols = 16

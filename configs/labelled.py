@@ -24,8 +24,7 @@ SAMPLES = pathlib.Path(__file__).resolve().parent / "samples" / "labelled"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """``arg``: ``"quick"`` (CPU, under a minute), or ``None`` / ``"full"`` (accelerator)."""
     config = common.base_config()
-    config.data = ml_collections.ConfigDict()
-    config.data.workers = 0  # worker processes building batches (grain); 0: threads
+    config.data = common.data_config()
     config.data.name = "labelled"
     config.data.train_files = str(SAMPLES / "train.jsonl")  # paths or globs, comma-separated
     config.data.eval_files = str(SAMPLES / "eval.csv")

@@ -19,8 +19,7 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """``arg``: ``"quick"`` (CPU, minutes), or ``None`` / ``"full"`` (LRA-sized, accelerator)."""
     config = common.base_config()
-    config.data = ml_collections.ConfigDict()
-    config.data.workers = 0  # worker processes building batches (grain); 0: threads
+    config.data = common.data_config()
     config.data.name = "listops"
     config.data.max_depth = 10
     config.data.max_args = 10

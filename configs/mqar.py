@@ -53,8 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ``configs/mqar.py:quick,seq_len=128``."""
     args = _arguments(arg)
     config = common.base_config()
-    config.data = ml_collections.ConfigDict()
-    config.data.workers = 0  # worker processes building batches (grain); 0: threads
+    config.data = common.data_config()
     config.data.name = "mqar"
     common.lm_packing(config.data)
     config.data.vocab_size = 8192

@@ -31,8 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = common.variant(arg, "configs/pairs.py", rnn=False)
     quick, rnn = args.quick, args.rnn
     config = common.base_config()
-    config.data = ml_collections.ConfigDict()
-    config.data.workers = 0  # worker processes building batches (grain); 0: threads
+    config.data = common.data_config()
     config.data.name = "pairs"
     config.data.train_files = str(SAMPLES / "train.tsv")  # paths or globs, comma-separated
     config.data.eval_files = str(SAMPLES / "eval.tsv")
