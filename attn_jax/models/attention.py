@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,15 +12,12 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from attn_jax import kernels
-from attn_jax.kernels import visibility as vis
 from attn_jax.kernels.performer import orthogonal_features
-from attn_jax.models import kv_cache
+from attn_jax.models import attention_core as core
+from attn_jax.models.attention_core import SINKS, VISIBILITY_KWARGS
 from attn_jax.models.positions import apply_rope
 
-__all__ = ["VISIBILITY_KWARGS", "MultiHeadAttention", "freeze_kwargs"]
-
-# attention_kwargs that say who sees whom (the rest are the kernel's own options).
-VISIBILITY_KWARGS = ("local_window_size", "causal_alignment")
+__all__ = ["SINKS", "VISIBILITY_KWARGS", "MultiHeadAttention", "freeze_kwargs"]
 
 
 def freeze_kwargs(kwargs: Mapping[str, Any] | None) -> FrozenDict | None:
@@ -125,18 +121,6 @@ class MultiHeadAttention(nn.Module):
             )
         return features
 
-    def _spec(self) -> kernels.KernelSpec | None:
-        """The registered kernel, or ``None`` for a callable."""
-        if callable(self.attention):
-            return None
-        spec = kernels.spec(self.attention)
-        if spec.capabilities.interface != "dot_product":
-            raise ValueError(
-                f"MultiHeadAttention: attribute 'attention' must name a dot_product kernel, "
-                f"got {self.attention!r} (interface {spec.capabilities.interface!r})"
-            )
-        return spec
-
     @nn.compact
     def __call__(
         self,
@@ -182,7 +166,7 @@ class MultiHeadAttention(nn.Module):
         """
         chex.assert_rank(inputs_q, 3, custom_message="inputs_q: expected [batch, q_len, features]")
         self_attention = inputs_kv is None and not self.cross_attention
-        spec = self._spec()
+        spec = core.kernel_spec(self.attention, "MultiHeadAttention")
         kv_heads = self.num_kv_heads or self.num_heads
         if self.num_heads % kv_heads:
             raise ValueError(
@@ -283,85 +267,29 @@ class MultiHeadAttention(nn.Module):
         finite_kv_padding: bool = False,
         return_mass: bool = False,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """Calls the kernel with the visibility arguments in the form it takes
-        (``finite_kv_padding``: the keys and values no query sees are known finite, e.g.
-        a decoding cache's; ``return_mass``: also the attention mass ``[batch, heads,
-        kv_len]``)."""
-        request = dict(request)
-        options = dict(options)
-        for name in VISIBILITY_KWARGS:
-            if name in options:
-                request[name] = options.pop(name)
+        """:func:`attention_core.attend` with this layer's kernel, dropout and sowing."""
         dropout = {}
         if self.dropout_rate > 0.0 and not deterministic:
             dropout = {"dropout_rate": self.dropout_rate, "dropout_rng": self.make_rng("dropout")}
-        if spec is None:  # a flax-style callable: a dense mask, flax's arguments
-            mask = _dense_mask(query, key, mask, request)
-            return _call_flax_style(
-                self.attention, query, key, value, mask, dropout, deterministic,
-                self if sow_weights else None, options,
-            )  # fmt: skip
-        caps = spec.capabilities
-        key_padding = mask is not None and mask.ndim == 4 and mask.shape[1:3] == (1, 1)
-        if key_padding and not caps.mask:
-            lengths = mask[:, 0, 0, :].sum(-1).astype(jnp.int32)
-            old = request.get("key_value_seq_lengths")
-            request["key_value_seq_lengths"] = lengths if old is None else jnp.minimum(old, lengths)
-            mask = None
-        if not _honours(caps, request) and caps.mask:
-            mask, request = _dense_mask(query, key, mask, request), {}
-        if mask is not None:
-            request["mask"] = mask
-        if finite_kv_padding and spec.core is not None:  # front-end kernels take the hint
-            request["finite_kv_padding"] = True
-        if return_mass:
-            request["return_attention_mass"] = True
-        if sow_weights:
-            if not caps.weights:
-                raise ValueError(
-                    f"MultiHeadAttention: kernel {self.attention!r} cannot return weights "
-                    "(sow_weights=True)"
-                )
-            out, weights = spec.fn(
-                query, key, value, return_weights=True, **request, **dropout, **options
-            )
-            self.sow("intermediates", "attention_weights", weights)
-            return out
-        return spec.fn(query, key, value, **request, **dropout, **options)
+        weights = sow_weights and spec is not None
+        out = core.attend(
+            self.attention, spec, query, key, value, mask, request, options,
+            dropout=dropout, deterministic=deterministic, return_weights=weights,
+            module=self if sow_weights else None, finite_kv_padding=finite_kv_padding,
+            return_mass=return_mass,
+        )  # fmt: skip
+        if weights:
+            out, attention_weights = out
+            self.sow("intermediates", "attention_weights", attention_weights)
+        return out
 
     # ------------------------------------------------------------------------ decoding
 
     def _make_cache(self, spec, key: jax.Array, value: jax.Array, options: dict[str, Any]):
         """Creates the cache variables for a cache of ``key.shape[1]`` positions."""
-        batch, max_len = key.shape[:2]
-        form = "kv_cache" if spec is None else spec.capabilities.decode
-        self.variable("cache", "cache_lengths", lambda: jnp.zeros((batch,), jnp.int32))
-        if form == "recurrent":
-            opts = {k: v for k, v in options.items() if k not in VISIBILITY_KWARGS}
-            state = spec.recurrent.init(batch, key.shape[2], key.shape[3], value.shape[3], opts)
-            self.variable("cache", "state", lambda: state)
-            return
-        slots = max_len
-        if form == "rolling_cache":
-            slots = kv_cache.rolling_slots(
-                max_len, vis.normalize_window(options.get("local_window_size"))
-            )
-            # Positions + 1, so that an all-zero cache (decode.init_cache) is empty.
-            self.variable("cache", "cached_positions", jnp.zeros, (batch, slots), jnp.int32)
-        if form == "rolling_cache":
-            shape = lambda x: (batch, slots, *x.shape[2:])
-        else:  # head-major: see kv_cache.append_kv
-            shape = lambda x: (batch, x.shape[2], slots, x.shape[3])
-        self.variable("cache", "cached_key", jnp.zeros, shape(key), key.dtype)
-        self.variable("cache", "cached_value", jnp.zeros, shape(value), value.dtype)
-        if self.kv_budget is not None:
-            if form != "kv_cache":
-                raise ValueError(
-                    f"MultiHeadAttention: kv_budget needs a kernel that decodes from a KV "
-                    f"cache; {self.attention!r} decodes from a {form!r}"
-                )
-            self.variable("cache", "cache_mass", jnp.zeros, (batch, slots), jnp.float32)
-            self.variable("cache", "evicted", jnp.zeros, (batch, slots), bool)
+        cache = core.init_cache(self.attention, spec, key, value, options, self.kv_budget)
+        for name, initial in cache.items():
+            self.variable("cache", name, lambda initial=initial: initial)
 
     def _cross_cache(self, key, value):
         """Cross-attention keys/values: computed from the memory once, then read."""
@@ -374,134 +302,19 @@ class MultiHeadAttention(nn.Module):
         return key, value
 
     def _decode(self, spec, query, key, value, mask, positions, lengths, options):
-        """One decoding call: ``q_len`` new tokens per sequence (``lengths`` real ones)."""
-        batch, q_len = query.shape[:2]
-        cache_lengths = self.variable("cache", "cache_lengths")
-        start = cache_lengths.value
-        count = jnp.full((batch,), q_len, jnp.int32) if lengths is None else lengths
-        steps = jnp.arange(q_len, dtype=jnp.int32)[None, :]
-        query_positions = start[:, None] + steps
-        if positions is None:
-            positions = query_positions
-        if self.rope:  # keys are rotated at their own positions before they are cached
-            query, key = apply_rope(query, positions), apply_rope(key, positions)
-        cache_lengths.value = start + count
-        form = "kv_cache" if spec is None else spec.capabilities.decode
-        if form == "recurrent":
-            if not self.is_causal:
-                raise ValueError(
-                    f"MultiHeadAttention: kernel {self.attention!r} decodes from a recurrent "
-                    "state, which needs is_causal=True"
-                )
-            if mask is not None:
-                raise ValueError(f"MultiHeadAttention: kernel {self.attention!r} takes no mask")
-            state = self.variable("cache", "state")
-            opts = {k: v for k, v in options.items() if k not in VISIBILITY_KWARGS}
-            valid = None if lengths is None else steps < count[:, None]
-            out, state.value = spec.recurrent.step(
-                state.value, query, key, value, valid=valid, options=opts
-            )
-            return out.astype(query.dtype)
-        cached_key = self.variable("cache", "cached_key")
-        cached_value = self.variable("cache", "cached_value")
-        request: dict[str, Any] = {"query_positions": query_positions}
-        if self.is_causal:
-            request["is_causal"] = True
-        if lengths is not None:
-            request["query_seq_lengths"] = count
-            # Padding is never cached as anything but zeros, so that the cache's unseen
-            # slots are finite and the kernel need not zero all of it at every step.
-            real = (steps < count[:, None])[:, :, None, None]
-            key, value = jnp.where(real, key, 0), jnp.where(real, value, 0)
-        if form == "rolling_cache":
-            stored = self.variable("cache", "cached_positions")
-            fresh = jnp.where(steps < count[:, None], query_positions, kv_cache.EMPTY)
-            keys = jnp.concatenate([cached_key.value, key.astype(cached_key.value.dtype)], 1)
-            values = jnp.concatenate(
-                [cached_value.value, value.astype(cached_value.value.dtype)], 1
-            )
-            old = jnp.where(stored.value > 0, stored.value - 1, kv_cache.EMPTY)
-            kv_positions = jnp.concatenate([old, fresh], 1)
-            request["key_value_positions"] = kv_positions
-            slots = stored.value.shape[1]
-            cached_key.value, cached_value.value, kept = kv_cache.roll_in(
-                keys, values, kv_positions, slots
-            )
-            stored.value = jnp.where(kept == kv_cache.EMPTY, 0, kept + 1)
-        else:
-            cached_key.value = kv_cache.append_kv(cached_key.value, key, start)
-            cached_value.value = kv_cache.append_kv(cached_value.value, value, start)
-            keys, values = kv_cache.tokens_major(cached_key.value, cached_value.value)
-            request["key_value_seq_lengths"] = start + count
-        # What no query sees is then the cache's zeros or earlier real tokens, unless a mask
-        # hides tokens (which may be padding the caller marked by the mask alone).
-        finite = mask is None
-        if self.kv_budget is None or form != "kv_cache":
-            return self._attend(spec, query, keys, values, mask, request, options, True, False,
-                                finite_kv_padding=finite)  # fmt: skip
-        evicted = self.variable("cache", "evicted")
-        kept = ~evicted.value[:, None, None, :]
-        mask = kept if mask is None else mask & kept
-        out, mass = self._attend(spec, query, keys, values, mask, request, options, True,
-                                 False, finite_kv_padding=finite, return_mass=True)  # fmt: skip
-        total = self.variable("cache", "cache_mass")
-        total.value = total.value + mass.sum(1)
-        evicted.value = heavy_hitter_evictions(
-            total.value, evicted.value, start + count, self.kv_budget, self.kv_recent
-        )
+        """One decoding call (:func:`attention_core.decode_step` over the ``'cache'``
+        collection): ``q_len`` new tokens per sequence (``lengths`` real ones)."""
+        cache = dict(self.variables["cache"])
+
+        def attend_fn(query, keys, values, mask, request, **hints):
+            return self._attend(spec, query, keys, values, mask, request, options, True,
+                                False, **hints)  # fmt: skip
+
+        out, cache = core.decode_step(
+            cache, self.attention, spec, query, key, value, mask=mask, positions=positions,
+            lengths=lengths, options=options, is_causal=self.is_causal, rope=self.rope,
+            kv_budget=self.kv_budget, kv_recent=self.kv_recent, attend_fn=attend_fn,
+        )  # fmt: skip
+        for name, updated in cache.items():
+            self.put_variable("cache", name, updated)
         return out
-
-
-SINKS = ("none", "learned", "plus_one")
-
-
-def heavy_hitter_evictions(
-    mass: jax.Array, evicted: jax.Array, lengths: jax.Array, budget: int, recent: int
-) -> jax.Array:
-    """H2O's policy: ``evicted [batch, slots]`` after evicting, from each sequence's
-    ``lengths`` cached tokens, all but its ``recent`` latest and the ``budget - recent``
-    kept ones of largest accumulated ``mass [batch, slots]``."""
-    slots = jnp.arange(mass.shape[1], dtype=jnp.int32)[None, :]
-    valid = slots < lengths[:, None]
-    latest = slots >= lengths[:, None] - recent
-    candidates = valid & ~evicted & ~latest
-    score = jnp.where(candidates, mass, -jnp.inf)
-    rank = jnp.argsort(jnp.argsort(-score, axis=1), axis=1)  # 0 = the heaviest
-    return evicted | (candidates & (rank >= budget - recent))
-
-
-def _honours(caps: kernels.Capabilities, request: dict[str, Any]) -> bool:
-    """Whether a kernel takes every visibility argument of ``request`` itself."""
-    governed = {a: c for c, args in kernels.registry.CAPABILITY_ARGUMENTS.items() for a in args}
-    return all(
-        getattr(caps, governed[name])
-        for name, value in request.items()
-        if name in governed and kernels.registry.is_active(name, value)
-    )
-
-
-def _dense_mask(query, key, mask, request: dict[str, Any]) -> jax.Array | None:
-    """The visibility of ``request`` (and ``mask``) as one ``[batch, 1 or heads, q, kv]``
-    boolean mask: the form of kernels that take masks but not positions or segments."""
-    batch, q_len, heads = query.shape[:3]
-    kv_len = key.shape[1]
-    visibility = vis.build((batch,), heads, q_len, kv_len, mask=mask, **request)
-    return visibility.dense_mask()
-
-
-def _call_flax_style(fn, query, key, value, mask, dropout, deterministic, module, options):
-    """Calls a flax ``attention_fn`` with the arguments its signature takes."""
-    parameters = inspect.signature(fn).parameters
-    takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    kwargs = {"mask": mask, "deterministic": deterministic, **dropout, **options}
-    if module is not None:
-        kwargs["module"] = module
-    for name in list(kwargs):
-        if not takes_all and name not in parameters:
-            if name in ("deterministic",) or (name == "mask" and kwargs[name] is None):
-                kwargs.pop(name)
-            else:
-                raise ValueError(
-                    f"MultiHeadAttention: attention callable {fn!r} has no argument {name!r}"
-                )
-    return fn(query, key, value, **kwargs)

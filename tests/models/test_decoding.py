@@ -217,7 +217,7 @@ def test_models_take_a_flax_style_attention_callable():
 
 
 def test_heavy_hitter_evictions_keep_the_recent_and_the_heaviest():
-    from attn_jax.models.attention import heavy_hitter_evictions
+    from attn_jax.models.attention_core import heavy_hitter_evictions
 
     mass = jnp.array([[5.0, 1.0, 3.0, 0.5, 2.0, 9.0, 0.0, 0.0]])
     evicted = jnp.zeros((1, 8), bool).at[0, 1].set(True)
