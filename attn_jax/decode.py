@@ -36,11 +36,14 @@ from attn_jax.models.seq2seq_rnn import Seq2SeqRNN
 __all__ = [
     "METHODS",
     "beam_search",
+    "check_prompts",
     "generate",
+    "generate_linen",
     "init_cache",
     "sample_search",
     "search",
     "translate",
+    "translate_linen",
 ]
 
 StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
@@ -266,11 +269,55 @@ def search(
     raise ValueError(f"search: 'method' must be one of {METHODS}, got {method!r}")
 
 
+def check_prompts(
+    options: Any, prompt: jax.Array, lengths: jax.Array | None, max_new_tokens: int
+) -> jax.Array:
+    """Each prompt's length ``[batch]`` (``lengths`` clipped to ``[1, prompt_len]``, or
+    all ``prompt_len``), after checking the cache fits learned positions."""
+    chex.assert_rank(prompt, 2)
+    batch, prompt_len = prompt.shape
+    if options.positions == "learned":
+        check_length(prompt_len + max_new_tokens, options.max_len, "prompt length + max_new_tokens")
+    if lengths is None:
+        return jnp.full((batch,), prompt_len, jnp.int32)
+    chex.assert_shape(lengths, (batch,))
+    return jnp.clip(jnp.asarray(lengths, jnp.int32), 1, prompt_len)
+
+
+def _nnx_module(model: Any, args: tuple) -> tuple[Any, tuple] | None:
+    """``(NNX module, remaining args)`` when decoding an NNX model: an
+    :mod:`attn_jax.nnx` module (``model, inputs``) or an :class:`attn_jax.nnx.Functional`
+    (``model, params, inputs``); ``None`` for linen."""
+    from flax import nnx
+
+    from attn_jax.nnx.functional import Functional
+
+    if isinstance(model, nnx.Module):
+        return model, args
+    if isinstance(model, Functional):
+        return model.bind(args[0]), args[1:]
+    return None
+
+
+def generate(model: Any, *args: Any, **kwargs: Any) -> jax.Array:
+    """Continues prompts with a language model: ``generate(model, params, prompt, ...)``
+    for a linen :class:`~attn_jax.models.TransformerLM`, ``generate(model, prompt, ...)``
+    for an :class:`attn_jax.nnx.TransformerLM` (same keyword arguments, see
+    :func:`generate_linen`)."""
+    nnx_call = _nnx_module(model, args)
+    if nnx_call is not None:
+        from attn_jax.nnx import decoding
+
+        module, rest = nnx_call
+        return decoding.generate(module, *rest, **kwargs)
+    return generate_linen(model, *args, **kwargs)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("model", "max_new_tokens", *_SEARCH_OPTIONS),
 )
-def generate(
+def generate_linen(
     model: TransformerLM,
     params: Any,
     prompt: jax.Array,
@@ -298,17 +345,8 @@ def generate(
     Returns:
       ``[batch, max_new_tokens]`` new tokens.
     """
-    chex.assert_rank(prompt, 2)
+    lengths = check_prompts(model.options, prompt, prompt_lengths, max_new_tokens)
     batch, prompt_len = prompt.shape
-    if model.options.positions == "learned":
-        check_length(
-            prompt_len + max_new_tokens, model.options.max_len, "prompt length + max_new_tokens"
-        )
-    if prompt_lengths is None:
-        lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    else:
-        chex.assert_shape(prompt_lengths, (batch,))
-        lengths = jnp.clip(jnp.asarray(prompt_lengths, jnp.int32), 1, prompt_len)
     cache = init_cache(model, jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32))
     if prompt_len > 1:
         _, updated = model.apply(
@@ -343,11 +381,25 @@ def generate(
     )
 
 
+def translate(model: Any, *args: Any, **kwargs: Any) -> jax.Array:
+    """Decodes targets with an encoder-decoder: ``translate(model, params, src, ...)`` for
+    a linen :class:`~attn_jax.models.EncoderDecoder` or :class:`~attn_jax.models.Seq2SeqRNN`,
+    ``translate(model, src, ...)`` for an :class:`attn_jax.nnx.EncoderDecoder` (same
+    keyword arguments, see :func:`translate_linen`)."""
+    nnx_call = _nnx_module(model, args)
+    if nnx_call is not None:
+        from attn_jax.nnx import decoding
+
+        module, rest = nnx_call
+        return decoding.translate(module, *rest, **kwargs)
+    return translate_linen(model, *args, **kwargs)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("model", "max_len", "bos_id", *_SEARCH_OPTIONS),
 )
-def translate(
+def translate_linen(
     model: EncoderDecoder | Seq2SeqRNN,
     params: Any,
     src: jax.Array,

@@ -73,9 +73,18 @@ def numbers_data() -> ml_collections.ConfigDict:
     return data
 
 
+def model_config() -> ml_collections.ConfigDict:
+    """An empty ``config.model`` with the field every model has: ``api``, ``"linen"``
+    (flax.linen, attn_jax.models) or ``"nnx"`` (the Flax NNX twins, attn_jax.nnx: the
+    same parameters and numbers)."""
+    model = ml_collections.ConfigDict()
+    model.api = "linen"
+    return model
+
+
 def lm_model() -> ml_collections.ConfigDict:
     """``config.model`` of a small decoder LM (copy, induction heads): RoPE, 2 layers."""
-    model = ml_collections.ConfigDict()
+    model = model_config()
     model.attention = "auto"
     model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     model.width = 64
@@ -191,7 +200,7 @@ def rnn_seq2seq(config: ml_collections.ConfigDict, quick: bool, quick_steps: int
     """``config.model`` (bidirectional LSTM encoder, LSTM decoder with additive attention)
     and training: 10,000 steps of batch 128 at width 256, or ``quick_steps`` of batch 64 at
     width 128 on CPU."""
-    config.model = ml_collections.ConfigDict()
+    config.model = model_config()
     config.model.name = "seq2seq_rnn"
     config.model.attention = "additive"  # additive | multiplicative | none
     config.model.score = "general"  # multiplicative: general | dot
@@ -208,7 +217,7 @@ def transformer_seq2seq(config: ml_collections.ConfigDict, quick: bool, quick_st
     """``config.model`` (encoder-decoder Transformer, sinusoidal positions) and training:
     3 + 3 layers of width 128 with dropout for 10,000 steps of batch 128, or 2 + 2 layers
     of width 64 without dropout for ``quick_steps`` of batch 64 on CPU."""
-    config.model = ml_collections.ConfigDict()
+    config.model = model_config()
     config.model.name = "encoder_decoder"
     config.model.attention = "auto"
     config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
@@ -229,7 +238,7 @@ def digits_transformer(config: ml_collections.ConfigDict, quick: bool, quick_ste
     """Transformer sizes and training shared by the digits configs (``config.model.name``
     and its inputs are set by the caller): ViT-Tiny-like 6 layers of width 192 for 5,000
     steps, or 2 layers of width 64 for ``quick_steps`` on CPU; batch 64."""
-    config.model = ml_collections.ConfigDict()
+    config.model = model_config()
     config.model.pooling = "cls"
     config.model.attention = "auto"
     config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}

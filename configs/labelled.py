@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_len = 512  # tokens kept per text (0: the longest text)
     config.data.num_eval = 0  # examples scored while training; 0: every whole batch
 
-    config.model = ml_collections.ConfigDict()
+    config.model = common.model_config()
     config.model.name = "encoder"
     config.model.pooling = "cls"
     config.model.attention = "auto"

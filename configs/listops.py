@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_test = 2_000
     config.data.num_eval = 1_984  # validation examples evaluated while training
 
-    config.model = ml_collections.ConfigDict()
+    config.model = common.model_config()
     config.model.name = "encoder"
     config.model.pooling = "cls"
     config.model.attention = "auto"

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_train = 100_000
     config.data.num_eval = 2_048
 
-    config.model = ml_collections.ConfigDict()
+    config.model = common.model_config()
     config.model.attention = "auto"
     config.model.attention_kwargs = None  # e.g. {"local_window_size": (16, 0)}
     config.model.width = 64

@@ -27,6 +27,8 @@ __all__ = [
     "Task",
     "TaskDefinition",
     "check_fields",
+    "for_api",
+    "linen_model",
     "masked_cross_entropy",
     "model_fields",
     "monitored_count",
@@ -114,6 +116,9 @@ class TaskDefinition:
 
 # config.data fields every task has: read by the training pipeline, not the task.
 PIPELINE_FIELDS = ("workers",)
+# config.model fields every model has: which Flax API builds it (``for_api``).
+MODEL_API_FIELDS = ("api",)
+MODEL_APIS = ("linen", "nnx")
 
 
 def check_fields(
@@ -123,6 +128,8 @@ def check_fields(
     ``config.data``, the training pipeline's own fields are allowed too)."""
     if prefix == "config.data":
         allowed = {*allowed, *PIPELINE_FIELDS}
+    if prefix == "config.model":
+        allowed = {*allowed, *MODEL_API_FIELDS}
     values = dict(node.items())
     unknown = sorted(set(values) - set(allowed))
     if unknown:
@@ -139,6 +146,8 @@ def model_fields(
     known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", *exclude}
     values = check_fields(model, {*known, "name"}, "config.model")
     values.pop("name", None)
+    for key in MODEL_API_FIELDS:
+        values.pop(key, None)
     for key in ("dtype", "param_dtype"):
         if key in values:
             values[key] = jnp.dtype(values[key])
@@ -169,6 +178,34 @@ def transformer_options(
     except ValueError as error:
         raise ValueError(str(error).replace("options.", "config.model.")) from None
     return options
+
+
+def for_api(config: ml_collections.ConfigDict, model: nn.Module) -> Any:
+    """``model`` as ``config.model.api`` builds it: the linen module itself (``"linen"``),
+    or its Flax NNX twin behind linen's ``init`` / ``apply``
+    (:class:`attn_jax.nnx.Functional`, ``"nnx"``): the same parameter tree, so
+    checkpoints, resume and sweeps work alike."""
+    api = config.model.get("api", "linen")
+    if api not in MODEL_APIS:
+        raise ValueError(f"config.model.api: expected one of {MODEL_APIS}, got {api!r}")
+    if api == "linen":
+        return model
+    from attn_jax import nnx as attn_nnx
+
+    try:
+        attn_nnx.nnx_twin(model)
+    except ValueError as error:
+        raise ValueError(
+            f"config.model.api: 'nnx' builds TransformerLM, TransformerEncoder, "
+            f"EncoderDecoder (token sources) and VisionTransformer models; this task's "
+            f"{type(model).__name__} is linen-only ({error})"
+        ) from None
+    return attn_nnx.Functional(model)
+
+
+def linen_model(model: Any) -> nn.Module:
+    """The linen module behind a task's model (itself, or a :class:`Functional`'s)."""
+    return getattr(model, "linen", model)
 
 
 def masked_cross_entropy(

@@ -43,7 +43,13 @@ from attn_jax.data import digit_strips
 from attn_jax.data.batching import ArrayDataset
 from attn_jax.data.vocab import PAD, pad_sequences
 from attn_jax.models.patches import PATCH_POSITIONS, patch_grid
-from attn_jax.train.tasks.base import Task, TaskDefinition, model_fields, transformer_options
+from attn_jax.train.tasks.base import (
+    Task,
+    TaskDefinition,
+    for_api,
+    model_fields,
+    transformer_options,
+)
 from attn_jax.train.tasks.plots import plot_layers
 from attn_jax.train.tasks.seq2seq import (
     attention_rows,
@@ -229,7 +235,9 @@ def _model(config: ml_collections.ConfigDict):
         source = _source(
             config, options.width, options.dtype, options.param_dtype, unordered=unordered
         )
-        return models.EncoderDecoder(0, vocab_size, options, pad_id=PAD, source=source)
+        return for_api(
+            config, models.EncoderDecoder(0, vocab_size, options, pad_id=PAD, source=source)
+        )
     if name == "seq2seq_rnn":
         check_rnn_attention(config)
         rnn_keys = {k: v for k, v in config.model.items() if k not in PATCH_KEYS}
@@ -245,7 +253,8 @@ def _model(config: ml_collections.ConfigDict):
             unordered = "config.model.encoder_cell='none': no recurrent encoder reads them in order"
         source = _source(config, embed_dim, **dtypes, unordered=unordered)
         model = models.Seq2SeqRNN(0, vocab_size, pad_id=PAD, source=source, **fields)
-        return check_init(model, jax.ShapeDtypeStruct((1, *_canvas(config)), jnp.float32), tgt_len)
+        model = check_init(model, jax.ShapeDtypeStruct((1, *_canvas(config)), jnp.float32), tgt_len)
+        return for_api(config, model)
     raise ValueError(f"config.model.name: expected one of {MODELS}, got {name!r}")
 
 

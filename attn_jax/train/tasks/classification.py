@@ -30,6 +30,8 @@ from attn_jax.models.encoder import POOLINGS
 from attn_jax.train.tasks.base import (
     Task,
     TaskDefinition,
+    for_api,
+    linen_model,
     predict_in_batches,
     transformer_options,
 )
@@ -149,7 +151,9 @@ def make_encoder(
     if pooling not in POOLINGS[:-1]:
         raise ValueError(f"config.model.pooling: expected one of {POOLINGS[:-1]}, got {pooling!r}")
     options = transformer_options(config.model, length + 1, extra=("pooling",))
-    return models.TransformerEncoder(vocab_size, num_classes, options, pooling=pooling)
+    return for_api(
+        config, models.TransformerEncoder(vocab_size, num_classes, options, pooling=pooling)
+    )
 
 
 def with_cls(model, labels: list[str]) -> list[str]:
@@ -225,7 +229,8 @@ def _digits_model(config: ml_collections.ConfigDict):
             raise ValueError(f"config.model.pooling: expected 'cls' or 'mean', got {pooling!r}")
         patches = (8 // patch) ** 2
         options = transformer_options(config.model, patches + 1, extra=("patch_size", "pooling"))
-        return models.VisionTransformer(digits.NUM_CLASSES, patch, options, pooling=pooling)
+        vit = models.VisionTransformer(digits.NUM_CLASSES, patch, options, pooling=pooling)
+        return for_api(config, vit)
     if name == "encoder":
         return make_encoder(config, digits.PIXEL_VOCAB_SIZE, digits.NUM_CLASSES, 64)
     raise ValueError(f"config.model.name: digits expects 'vit' or 'encoder', got {name!r}")
@@ -248,7 +253,7 @@ def _build_digits(config: ml_collections.ConfigDict) -> Task:
     _validate_digits(config)
     model = _digits_model(config)
     split = digits.load_digits_split(config.seed, config.data.test_fraction)
-    if isinstance(model, models.VisionTransformer):
+    if isinstance(linen_model(model), models.VisionTransformer):
         train_inputs, test_inputs = split.train_images, split.test_images
         side = 8 // model.patch_size
         labels = ["cls", *(f"r{r}c{c}" for r in range(side) for c in range(side))]

@@ -41,6 +41,7 @@ from attn_jax.train.tasks.base import (
     SequenceParallelLoss,
     Task,
     TaskDefinition,
+    for_api,
     masked_cross_entropy,
     predict_in_batches,
     transformer_options,
@@ -317,7 +318,9 @@ def _build_mqar(config: ml_collections.ConfigDict) -> Task:
         return {"inputs": inputs, "positions": positions.astype(np.int32), "answers": answers}
 
     max_len = max(spec.seq_len, config.data.get("pack_length", 0))
-    model = models.TransformerLM(spec.vocab_size, transformer_options(config.model, max_len))
+    model = for_api(
+        config, models.TransformerLM(spec.vocab_size, transformer_options(config.model, max_len))
+    )
     return _lm_task(
         config,
         model,
@@ -369,7 +372,7 @@ def _copy_options(config: ml_collections.ConfigDict) -> models.TransformerOption
 
 def _build_copy(config: ml_collections.ConfigDict) -> Task:
     spec = _copy_spec(config)
-    model = models.TransformerLM(spec.vocab_size, _copy_options(config))
+    model = for_api(config, models.TransformerLM(spec.vocab_size, _copy_options(config)))
     final_seed = config.seed + 2
     make = functools.partial(make_copy, spec, config.data.num_final, final_seed)
     return _lm_task(
@@ -397,7 +400,7 @@ def _induction_options(config: ml_collections.ConfigDict) -> models.TransformerO
 
 def _build_induction(config: ml_collections.ConfigDict) -> Task:
     spec = _induction_spec(config)
-    model = models.TransformerLM(spec.vocab_size, _induction_options(config))
+    model = for_api(config, models.TransformerLM(spec.vocab_size, _induction_options(config)))
     make = functools.partial(make_induction, spec, config.data.num_final, config.seed + 2)
     return _lm_task(
         config,

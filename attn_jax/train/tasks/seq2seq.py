@@ -35,6 +35,8 @@ from attn_jax.train.tasks.base import (
     LossFn,
     Task,
     TaskDefinition,
+    for_api,
+    linen_model,
     masked_cross_entropy,
     model_fields,
     predict_in_batches,
@@ -199,10 +201,12 @@ def make_model(config: ml_collections.ConfigDict, data: Seq2SeqData) -> nn.Modul
             config.model, models.Seq2SeqRNN, exclude=("src_vocab_size", "tgt_vocab_size")
         )
         model = models.Seq2SeqRNN(len(data.src_vocab), len(data.tgt_vocab), pad_id=PAD, **fields)
-        return check_init(model, jax.ShapeDtypeStruct((1, src_len), jnp.int32), tgt_len)
+        model = check_init(model, jax.ShapeDtypeStruct((1, src_len), jnp.int32), tgt_len)
+        return for_api(config, model)
     if name == "encoder_decoder":
         options = transformer_options(config.model, max(src_len, tgt_len))
-        return models.EncoderDecoder(len(data.src_vocab), len(data.tgt_vocab), options, pad_id=PAD)
+        model = models.EncoderDecoder(len(data.src_vocab), len(data.tgt_vocab), options, pad_id=PAD)
+        return for_api(config, model)
     raise ValueError(f"config.model.name: expected one of {MODELS}, got {name!r}")
 
 
@@ -291,7 +295,7 @@ def attention_rows(
     rows = [*output, "<eos>"] if len(output) < tgt_len else output
     tgt_in = np.asarray([tgt_vocab.encode(rows[:-1], bos=True)], np.int32)
     layers = sowed_attention(plotted, params, src, tgt_in)
-    if isinstance(model, models.EncoderDecoder):
+    if isinstance(linen_model(model), models.EncoderDecoder):
         return rows, {k: v for k, v in layers.items() if k.endswith("cross_attention")}
     return rows, {"alignment": layers[""]}
 

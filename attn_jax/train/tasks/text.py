@@ -40,6 +40,7 @@ from attn_jax.train.tasks.base import (
     Task,
     TaskDefinition,
     check_fields,
+    for_api,
     masked_cross_entropy,
     monitored_count,
     predict_in_batches,
@@ -182,7 +183,9 @@ def _plot(model, example: np.ndarray, names: list[str], title: str):
 
 
 def _model(config: ml_collections.ConfigDict, text: _Text, seq_len: int):
-    return models.TransformerLM(text.vocab_size, transformer_options(config.model, seq_len))
+    return for_api(
+        config, models.TransformerLM(text.vocab_size, transformer_options(config.model, seq_len))
+    )
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
