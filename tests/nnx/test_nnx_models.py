@@ -72,7 +72,7 @@ def test_scanned_linen_models_convert_to_unrolled_nnx_and_back():
     )
     linen, stacked = attn_nnx.to_linen(twin, scan_layers=True)
     assert linen.options.scan_layers and "layers" in stacked
-    with pytest.raises(ValueError, match="options.scan_layers"):
+    with pytest.raises(ValueError, match=r"options\.scan_layers"):
         attn_nnx.TransformerLM(11, scanned.options, rngs=nnx.Rngs(0))
 
 
