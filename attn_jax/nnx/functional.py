@@ -17,8 +17,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from attn_jax import models
-from attn_jax.nnx.convert import merge_params, nnx_twin, params_of
+from attn_jax.nnx.convert import merge_params, nnx_twin
 
 __all__ = ["Functional"]
 
@@ -29,7 +28,8 @@ class Functional:
     with linen's ``init`` / ``apply``.
 
     Attributes of the linen model (``options``, ``vocab_size``, ...) read through;
-    ``clone(**changes)`` changes them.
+    ``clone(**changes)`` changes them. ``init`` is the linen model's (the same parameters
+    for the same key); ``apply`` runs the NNX module.
     """
 
     linen: nn.Module
@@ -48,9 +48,9 @@ class Functional:
         return cls(**kwargs, rngs=nnx.Rngs(params=rng))
 
     def init(self, rng: jax.Array, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """``{"params": ...}`` of a new NNX module (NNX modules are sized when built; a
-        ViT reads its channels from the images, ``args[0]``)."""
-        return {"params": params_of(self.build(rng, _channels(self.linen, args)))}
+        """``{"params": ...}``: the linen model's initial parameters for ``rng`` (so a
+        run's starting point, and with it its results, do not depend on the API)."""
+        return {"params": self.linen.init(rng, *args, **kwargs)["params"]}
 
     def bind(self, params: Any) -> nnx.Module:
         """The NNX module holding ``params`` (the linen layout)."""
@@ -82,12 +82,6 @@ class Functional:
             return fn(*args, **kwargs)
         out, intermediates = nnx.capture(fn, nnx.Intermediate)(*args, **kwargs)
         return out, {"intermediates": nnx.to_pure_dict(intermediates)}
-
-
-def _channels(linen: nn.Module, args: tuple) -> int | None:
-    if isinstance(linen, models.VisionTransformer) and args:
-        return int(args[0].shape[-1])
-    return None
 
 
 def _shapes(in_channels: int | None) -> dict[str, Any] | None:

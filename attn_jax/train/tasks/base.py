@@ -190,6 +190,11 @@ def for_api(config: ml_collections.ConfigDict, model: nn.Module) -> Any:
         raise ValueError(f"config.model.api: expected one of {MODEL_APIS}, got {api!r}")
     if api == "linen":
         return model
+    if getattr(getattr(model, "options", None), "scan_layers", False):
+        raise ValueError(
+            "config.model.scan_layers: the NNX models (config.model.api='nnx') run their "
+            "layers unrolled; set scan_layers=False"
+        )
     from attn_jax import nnx as attn_nnx
 
     try:
