@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,6 +96,14 @@ def test_attention_layer_twin_self_and_cross():
         np.testing.assert_array_equal(
             back.apply({"params": back_params}, x, memory), twin(x, memory)
         )
+    # A flax-style callable kernel (it gets dense masks), causal with RoPE.
+    linen = models.MultiHeadAttention(
+        num_heads=4, attention=flax.linen.dot_product_attention, is_causal=True, rope=True
+    )
+    params = linen.init(KEY, x)["params"]
+    np.testing.assert_allclose(
+        attn_nnx.from_linen(linen, params)(x), linen.apply({"params": params}, x), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,7 +133,7 @@ def test_generate_equals_linen_greedy_sampling_beam_and_ragged_prompts(attention
 
 
 def test_translate_and_cached_decoding_steps_equal_linen():
-    linen = models.EncoderDecoder(11, 13, OPTIONS)
+    linen = models.EncoderDecoder(11, 13, dataclasses.replace(OPTIONS, num_layers=1))
     src = TOKENS.at[1, 4:].set(0)  # padded source
     params = linen.init(KEY, src, src[:, :3])["params"]
     twin = attn_nnx.from_linen(linen, params)
@@ -138,7 +147,8 @@ def test_translate_and_cached_decoding_steps_equal_linen():
     memory, memory_mask = twin.encode(src)
     twin.init_cache(2, 4, memory=memory)
     tgt = TOKENS[:, :4]
-    steps = [twin.decode(tgt[:, i : i + 1], None, memory_mask, decode=True) for i in range(4)]
+    step = nnx.jit(lambda model, token: model.decode(token, None, memory_mask, decode=True))
+    steps = [step(twin, tgt[:, i : i + 1]) for i in range(4)]
     np.testing.assert_allclose(
         jnp.concatenate(steps, 1), twin.decode(tgt, memory, memory_mask), rtol=0, atol=2e-5
     )

@@ -43,14 +43,28 @@ def _losses(workdir: pathlib.Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def nnx_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("nnx")
-    return workdir, train_and_evaluate(_quick(), workdir)
+def api_sweep(tmp_path_factory):
+    """A sweep over ``model.api``: the quick MQAR run with linen (trial_000) and NNX
+    (trial_001)."""
+    workdir = tmp_path_factory.mktemp("api_sweep")
+    trials = product(**{"model.api": ["linen", "nnx"]})
+    return workdir, run_sweep(_quick(), trials, workdir, train_and_evaluate)
 
 
-def test_an_nnx_run_resumes_from_a_checkpoint_to_bit_identical_parameters(nnx_run, tmp_path):
-    workdir, result = nnx_run
-    assert result["step"] == 8
+def test_a_sweep_over_the_api_trains_linen_and_nnx_to_the_same_losses(api_sweep):
+    workdir, rows = api_sweep
+    assert [row["model.api"] for row in rows] == ["linen", "nnx"]
+    linen_dir, nnx_dir = workdir / "trial_000", workdir / "trial_001"
+    np.testing.assert_allclose(_losses(linen_dir), _losses(nnx_dir), rtol=1e-5)
+    # The checkpoints have one layout: either API's restores into the other.
+    linen_params, nnx_params = _params(linen_dir, 8), _params(nnx_dir, 8)
+    assert jax.tree.structure(linen_params) == jax.tree.structure(nnx_params)
+    for a, b in zip(jax.tree.leaves(linen_params), jax.tree.leaves(nnx_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_nnx_run_resumes_from_a_checkpoint_to_bit_identical_parameters(api_sweep, tmp_path):
+    workdir = api_sweep[0] / "trial_001"
     assert isinstance(tasks.build_task(_quick()).model, attn_nnx.Functional)
     # Killed after the step-4 checkpoint: only it survives.
     shutil.copytree(workdir, tmp_path / "killed")
@@ -63,20 +77,6 @@ def test_an_nnx_run_resumes_from_a_checkpoint_to_bit_identical_parameters(nnx_ru
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
-
-
-def test_a_sweep_over_the_api_trains_linen_and_nnx_to_the_same_losses(nnx_run, tmp_path):
-    trials = product(**{"model.api": ["linen", "nnx"]})
-    rows = run_sweep(_quick(), trials, tmp_path, train_and_evaluate)
-    assert [row["model.api"] for row in rows] == ["linen", "nnx"]
-    linen_dir, nnx_dir = tmp_path / "trial_000", tmp_path / "trial_001"
-    np.testing.assert_allclose(_losses(linen_dir), _losses(nnx_dir), rtol=1e-5)
-    np.testing.assert_allclose(_losses(nnx_dir), _losses(nnx_run[0]), rtol=0)  # same run
-    # The NNX run's checkpoint restores into the linen run's layout, and back.
-    linen_params, nnx_params = _params(linen_dir, 8), _params(nnx_dir, 8)
-    assert jax.tree.structure(linen_params) == jax.tree.structure(nnx_params)
-    for a, b in zip(jax.tree.leaves(linen_params), jax.tree.leaves(nnx_params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_config_model_api_errors_name_the_key(tmp_path):
