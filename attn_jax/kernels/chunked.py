@@ -78,8 +78,12 @@ def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array, consts):
     if sinks is not None:  # the sink: one more logit, weight exp(sink - max), no value
         global_max = jnp.maximum(global_max, jax.lax.stop_gradient(sinks))
     factors = jnp.exp(maxima - global_max[None])
-    values = (values * factors[..., None]).sum(0)
-    total = (sums * factors).sum(0)
+    # The chunks' summaries are added one by one, not as one product-then-sum over the
+    # chunk axis: under vmap, XLA:CPU (jaxlib 0.10) fuses `(values * factors).sum(0)` into
+    # a reduction that crashes the process (a segmentation fault in its "ynn" fusion).
+    chunks = range(layout.num_k_blocks)
+    values = sum(values[i] * factors[i][..., None] for i in chunks)
+    total = sum(sums[i] * factors[i] for i in chunks)
     if sinks is not None:
         total = total + jnp.exp(sinks - global_max)
     seen = total > 0
