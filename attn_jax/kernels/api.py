@@ -95,6 +95,7 @@ class AttentionCall:
     return_weights: bool
     return_residual: bool
     requested: dict[str, str]
+    residual_like_jax: bool = False
     finite_kv_padding: bool = False
     score_fn: Callable[..., jax.Array] | None = None
     mask_fn: Callable[..., jax.Array] | None = None
@@ -121,7 +122,10 @@ class AttentionCall:
         if self.return_weights:
             extras.append(result.weights)
         if self.return_residual:
-            extras.append(result.residual)
+            residual = result.residual
+            if self.residual_like_jax and residual is not None:  # jax.nn's: no gradient
+                residual = jax.lax.stop_gradient(residual.astype(self.key.dtype))
+            extras.append(residual)
         if self.return_attention_mass:
             extras.append(result.mass)
         if any(x is None for x in extras):
@@ -228,6 +232,7 @@ def bind(
         out_dtype=out_dtype,
         return_weights=bool(a["return_weights"]),
         return_residual=bool(a["return_residual"]),
+        residual_like_jax=_residual_mode(a["return_residual"]),
         requested=_requested(visibility, bias, heads, kv_heads, given),
         finite_kv_padding=_flag(a["finite_kv_padding"], "finite_kv_padding"),
         score_fn=a["score_fn"],
@@ -248,6 +253,15 @@ def _call_arguments() -> dict[str, Any]:
         for name, p in inspect.signature(dot_product_attention).parameters.items()
         if name not in skip and p.kind is p.KEYWORD_ONLY
     }
+
+
+def _residual_mode(value: Any) -> bool:
+    """Whether ``return_residual`` asks for jax.nn's residual (``"jax.nn"``)."""
+    if value == "jax.nn":
+        return True
+    if isinstance(value, bool | np.bool_):
+        return False
+    checks.fail("return_residual", f"expected a bool or 'jax.nn', got {value!r}")
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -396,7 +410,7 @@ def dot_product_attention(
     logits_soft_cap: float | None = None,
     sinks: jax.Array | float | None = None,
     return_weights: bool = False,
-    return_residual: bool = False,
+    return_residual: bool | str = False,
     return_attention_mass: bool = False,
     deterministic: bool = False,
     finite_kv_padding: bool = False,
@@ -463,7 +477,10 @@ def dot_product_attention(
         ``sinks=0.0`` is "softmax + 1" (``exp(s) / (1 + sum exp(s))``). Rows that see no
         key give zeros; the residual includes the sink.
       return_weights: also return float32 weights ``[batch..., heads, q_len, kv_len]``.
-      return_residual: also return the float32 log-sum-exp ``[batch..., q_len, heads]``.
+      return_residual: also return the log-sum-exp ``[batch..., q_len, heads]``: ``True``
+        in float32 and with its true gradient (a loss may use it, e.g. z-loss);
+        ``"jax.nn"`` as ``jax.nn.dot_product_attention`` returns it, in the key's dtype and
+        with its gradient stopped.
       return_attention_mass: also return the float32 attention mass each key receives,
         ``[batch..., heads, kv_len]``: the weights summed over queries (before dropout,
         without the sink; ``.sum(-2)`` sums heads). Blockwise kernels compute it block by
