@@ -75,7 +75,7 @@ def test_conformance_cases_for_parametrisation():
     cases = testing.conformance_cases()
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids))
-    assert {c.kind for c in cases} == {"values", "strict", "padding"}
+    assert {c.kind for c in cases} == {"values", "strict", "padding", "vmap"}
     assert {c.dtype for c in cases} == {"float32", "bfloat16"}
     assert any(c.decoding for c in cases)
     assert not any(c.decoding for c in testing.conformance_cases(decode=False))

@@ -155,3 +155,27 @@ def check_padding_never_leaks(kernel: Callable[..., Any], case: Case) -> None:
     for name, g, g_dirty in zip(("query", "key", "value"), grads, grads_dirty, strict=False):
         assert np.all(np.isfinite(np.asarray(g_dirty))), f"{case.name}: NaN/inf in d{name}"
         np.testing.assert_allclose(np.asarray(g_dirty), np.asarray(g), atol=1e-6, err_msg=name)
+
+
+def check_vmap(kernel: Callable[..., Any], case: Case) -> None:
+    """``kernel`` under ``jax.vmap`` equals the kernel's own batch and heads (float32):
+    mapped over a new leading batch axis (each call then sees the case's batch), and over
+    the key/value heads, each call seeing one kv head and its query heads. The case's
+    keyword arguments must not depend on the batch (``Case`` without masks or lengths)."""
+    (q, k, v, bias), kwargs = make_inputs(case, jnp.float32)
+    (q2, k2, v2, _), _ = make_inputs(case, jnp.float32, seed=1)
+    call = lambda q, k, v: kernel(q, k, v, bias, **kwargs)
+    stacked = [jnp.stack(pair) for pair in ((q, q2), (k, k2), (v, v2))]
+    expected = jnp.stack([jax.jit(call)(q, k, v), jax.jit(call)(q2, k2, v2)])
+    err = max_error(jax.jit(jax.vmap(call))(*stacked), np.asarray(expected, np.float64))
+    assert err <= TOLERANCES[jnp.float32][0], f"vmap over the batch: error {err:.3g}"
+    if case.heads % case.kv_heads or bias is not None:
+        return
+    groups, axis = case.heads // case.kv_heads, q.ndim - 2  # the heads axis
+    split = lambda x, g: x.reshape(*x.shape[:axis], case.kv_heads, g, x.shape[-1])
+    mapped = jax.jit(jax.vmap(call, in_axes=axis, out_axes=axis))(
+        split(q, groups), split(k, 1), split(v, 1)
+    )
+    expected = np.asarray(jax.jit(call)(q, k, v), np.float64)
+    err = max_error(mapped.reshape(expected.shape), expected)
+    assert err <= TOLERANCES[jnp.float32][0], f"vmap over the heads: error {err:.3g}"

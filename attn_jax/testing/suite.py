@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from attn_jax.testing import checks
 from attn_jax.testing.cases import CASES, Case
 
-KINDS = ("values", "strict", "padding")
+KINDS = ("values", "strict", "padding", "vmap")
 STRICT_MODES: dict[str, Callable[[], Any]] = {
     "x64": lambda: jax.enable_x64(True),
     "rank_promotion_raise": lambda: jax.numpy_rank_promotion("raise"),
@@ -30,6 +30,9 @@ STRICT_CASES = (
     "segments_cross",
     "decode_positions_window",
 )
+# Under jax.vmap (over the batch, over the heads): cases whose arguments do not depend on
+# the batch, with GQA; the kernel's options (block sizes) decide how many blocks run.
+VMAP_CASES = ("gqa", "no_mask")
 # NaN / inf are planted where no query looks: padded keys, hidden columns, empty rows.
 PADDING_CASES = (
     "padding_empty_keys",
@@ -43,8 +46,9 @@ PADDING_CASES = (
 class ConformanceCase:
     """One check of the suite: ``kind`` (``"values"``: values and gradients against the
     float64 reference; ``"strict"``: the same under a strict JAX ``mode``; ``"padding"``:
-    NaN / inf where no query looks never reach outputs or gradients) on ``case`` in
-    ``dtype``."""
+    NaN / inf where no query looks never reach outputs or gradients; ``"vmap"``: under
+    ``jax.vmap`` over the batch and over the heads, equal to the kernel's own) on ``case``
+    in ``dtype``."""
 
     kind: str
     case: Case
@@ -67,8 +71,9 @@ def conformance_cases(
     decode: bool = True,
     kinds: Iterable[str] = KINDS,
 ) -> list[ConformanceCase]:
-    """Every check of the suite: each case in each dtype, the strict JAX modes (float32)
-    and NaN / inf in padding (float32); ``decode=False`` leaves out decoding steps."""
+    """Every check of the suite: each case in each dtype, the strict JAX modes (float32),
+    NaN / inf in padding (float32) and vmap (float32); ``decode=False`` leaves out
+    decoding steps."""
     kinds = set(kinds)
     if unknown := kinds - set(KINDS):
         raise ValueError(f"kinds: expected some of {KINDS}, got {sorted(unknown)}")
@@ -87,6 +92,8 @@ def conformance_cases(
         ]
     if "padding" in kinds:
         out += [ConformanceCase("padding", c) for c in CASES if c.name in PADDING_CASES]
+    if "vmap" in kinds:
+        out += [ConformanceCase("vmap", c) for c in CASES if c.name in VMAP_CASES]
     return [c for c in out if decode or not c.decoding]
 
 
@@ -169,6 +176,9 @@ def _check_one(
         return f"the signature lacks {missing}"
     if check.kind == "padding":
         checks.check_padding_never_leaks(kernel, case)
+        return None
+    if check.kind == "vmap":
+        checks.check_vmap(kernel, case)
         return None
     dtype = jnp.dtype(check.dtype).type
     with STRICT_MODES[check.mode]() if check.mode else contextlib.nullcontext():

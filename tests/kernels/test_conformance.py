@@ -426,3 +426,21 @@ test_property_random_problems_match_reference_a = _property_test(20261123, REFER
 test_property_random_problems_match_reference_b = _property_test(31, REFERENCE, 15)
 test_property_other_kernels_match_reference = _property_test(7, OTHERS, 8)
 test_property_heavy_kernels_match_reference = _property_test(11, HEAVY, 5)
+
+
+# Block sizes that split the vmap cases' lengths into several blocks or chunks.
+SEVERAL_BLOCKS = {
+    "chunked": {"query_chunk_size": 2, "key_chunk_size": 2},
+    "flash": {"block_q": 2, "block_k": 2},
+    "pallas_flash": {"block_q": 2, "block_k": 2},
+    "ring": {"num_devices": 2, "block_q": 2, "block_k": 2},
+    "sliding_window": {"block_size": 2},
+    "linear": {"chunk_size": 2},
+    "performer": {"chunk_size": 2, "rng": jax.random.key(0)},
+}
+
+
+@pytest.mark.parametrize("check", testing.conformance_cases(kinds=["vmap"]), ids=lambda c: c.id)
+@pytest.mark.parametrize("name", kernels.available(interface="dot_product"))
+def test_every_kernel_under_vmap_over_batch_and_heads(name, check):
+    testing.check_kernel(name, cases=[check], **SEVERAL_BLOCKS.get(name, {}))
