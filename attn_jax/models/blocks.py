@@ -26,6 +26,7 @@ __all__ = [
     "Mlp",
     "TokenEmbedder",
     "TransformerOptions",
+    "attention_settings",
     "check_options",
 ]
 
@@ -242,11 +243,12 @@ class Mlp(nn.Module):
         return dense(o.width, "output")(y)
 
 
-def _attention(
-    o: TransformerOptions, *, is_causal: bool, rope: bool, name: str, cross: bool = False
-) -> MultiHeadAttention:
-    return MultiHeadAttention(
-        num_heads=o.num_heads,
+def attention_settings(
+    o: TransformerOptions, *, is_causal: bool, rope: bool, cross: bool = False
+) -> dict[str, Any]:
+    """The attention layer's attributes in a Transformer of options ``o`` (the same for the
+    linen layer and its NNX twin)."""
+    return dict(
         num_kv_heads=o.num_kv_heads,
         attention=o.attention,
         attention_kwargs=o.attention_kwargs,
@@ -260,8 +262,14 @@ def _attention(
         kv_recent=o.kv_recent,
         dtype=o.dtype,
         param_dtype=o.param_dtype,
-        name=name,
     )
+
+
+def _attention(
+    o: TransformerOptions, *, is_causal: bool, rope: bool, name: str, cross: bool = False
+) -> MultiHeadAttention:
+    settings = attention_settings(o, is_causal=is_causal, rope=rope, cross=cross)
+    return MultiHeadAttention(num_heads=o.num_heads, name=name, **settings)
 
 
 class EncoderLayer(nn.Module):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attn_jax.models.blocks import TransformerOptions
+from attn_jax.models.blocks import TransformerOptions, attention_settings
 from attn_jax.models.layer_stack import REMAT_POLICIES
 from attn_jax.models.positions import check_length, sinusoidal_positions
 from attn_jax.nnx.attention import MultiHeadAttention
@@ -108,24 +108,8 @@ class Mlp(nnx.Module):
 def _attention(
     o: TransformerOptions, *, is_causal: bool, rope: bool, rngs: nnx.Rngs, cross: bool = False
 ) -> MultiHeadAttention:
-    return MultiHeadAttention(
-        o.num_heads,
-        o.width,
-        num_kv_heads=o.num_kv_heads,
-        attention=o.attention,
-        attention_kwargs=o.attention_kwargs,
-        is_causal=is_causal,
-        cross_attention=cross,
-        rope=rope,
-        dropout_rate=o.attention_dropout_rate,
-        logits_soft_cap=o.logits_soft_cap,
-        sinks=o.attention_sinks,
-        kv_budget=None if cross else o.kv_budget,
-        kv_recent=o.kv_recent,
-        dtype=o.dtype,
-        param_dtype=o.param_dtype,
-        rngs=rngs,
-    )
+    settings = attention_settings(o, is_causal=is_causal, rope=rope, cross=cross)
+    return MultiHeadAttention(o.num_heads, o.width, rngs=rngs, **settings)
 
 
 def _norm(o: TransformerOptions, rngs: nnx.Rngs) -> nnx.LayerNorm:
