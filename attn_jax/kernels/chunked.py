@@ -79,8 +79,10 @@ def _attend_query_chunk(c: Canonical, plan: Plan | None, iq: jax.Array, consts):
         global_max = jnp.maximum(global_max, jax.lax.stop_gradient(sinks))
     factors = jnp.exp(maxima - global_max[None])
     # The chunks' summaries are added one by one, not as one product-then-sum over the
-    # chunk axis: under vmap, XLA:CPU (jaxlib 0.10) fuses `(values * factors).sum(0)` into
-    # a reduction that crashes the process (a segmentation fault in its "ynn" fusion).
+    # chunk axis: under vmap, `(values * factors).sum(0)` becomes a rank-7 multiply-reduce
+    # with a size-1 dimension, which XLA:CPU's "ynn" fusion in jaxlib 0.10.2 turns into a
+    # segmentation fault (jax-ml/jax#40412; `x = jnp.ones((2, 2, 1, 2, 2, 16, 16))`,
+    # `jax.jit(lambda x, w: (x * w[..., None]).sum(1))(x, x[..., 0])` crashes alone).
     chunks = range(layout.num_k_blocks)
     values = sum(values[i] * factors[i][..., None] for i in chunks)
     total = sum(sums[i] * factors[i] for i in chunks)

@@ -2,9 +2,10 @@
 chunks: over a leading batch axis (the kernel then sees no batch dimension) and over a
 head-group axis, equal to the kernel's own batch and heads.
 
-jaxlib 0.10's XLA:CPU crashed (a segmentation fault in its "ynn" reduce fusion) on the
-chunked kernel's combination of key-chunk summaries under vmap; the kernel now combines
-them with a contraction (see attn_jax/kernels/chunked.py). These tests would die with the
+jaxlib 0.10.2's XLA:CPU crashed (a segmentation fault in its "ynn" reduce fusion) on the
+chunked kernel's combination of key-chunk summaries under vmap, a product summed over a
+middle axis of a rank-7 array with a size-1 dimension; the kernel now adds the chunks'
+summaries one by one (see attn_jax/kernels/chunked.py). These tests would die with the
 process if such an operation came back.
 """
 
