@@ -153,7 +153,9 @@ def _causal(phi_q, phi_k, value, chunk_size, precision, state, key_logits):
         num = jnp.einsum("...hgqk,...khd->...qhgd", scores, v, precision=precision)
         num = num + jnp.einsum("...qhgf,...hfd->...qhgd", q, kv, precision=precision)
         den = scores.sum(-1)  # [..., h, g, q]
-        den = jnp.moveaxis(den, -1, -3) + jnp.einsum("...qhgf,...hf->...qhg", q, norm)
+        den = jnp.moveaxis(den, -1, -3) + jnp.einsum(
+            "...qhgf,...hf->...qhg", q, norm, precision=precision
+        )
         kv = kv + jnp.einsum("...khf,...khd->...hfd", k, v, precision=precision)
         norm = norm + k.sum(-3)
         return (kv, norm, *shift), (num, den)

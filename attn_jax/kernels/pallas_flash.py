@@ -52,14 +52,19 @@ class _Static:
     segments: bool
     interpret: bool
     dtype: Any  # storage dtype of the matmul operands
+    precision: Any  # the call's `precision` for every matmul (hashable)
 
 
 def _dot(st: _Static, a: jax.Array, b: jax.Array, *, transpose_b: bool = False) -> jax.Array:
     """``a @ b`` (``a @ b.T`` with ``transpose_b``) of 2-D tiles: operands in the storage
-    dtype, float32 accumulation."""
+    dtype, float32 accumulation, the call's ``precision``."""
     dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
     return jax.lax.dot_general(
-        a.astype(st.dtype), b.astype(st.dtype), dims, preferred_element_type=jnp.float32
+        a.astype(st.dtype),
+        b.astype(st.dtype),
+        dims,
+        precision=st.precision,
+        preferred_element_type=jnp.float32,
     )
 
 
@@ -262,7 +267,11 @@ def _tangent_terms(st: _Static, q, k, v, aux: _Aux, lse, tq, tk, tv):
     expand = lambda x: jnp.repeat(x, st.kv_heads, axis=0)  # [B, len] -> [n, len]
     q_ints, k_ints = [expand(x) for x in aux.q_tokens], [expand(x) for x in aux.k_tokens]
     dot = lambda spec, a, b: jnp.einsum(
-        spec, a.astype(st.dtype), b.astype(st.dtype), preferred_element_type=jnp.float32
+        spec,
+        a.astype(st.dtype),
+        b.astype(st.dtype),
+        precision=st.precision,
+        preferred_element_type=jnp.float32,
     )
 
     @jax.checkpoint
@@ -411,6 +420,7 @@ def pallas_flash_attention(
         segments=call.visibility.query_segment_ids is not None,
         interpret=interpret,
         dtype=blockwise.storage_dtype(query, key, value),
+        precision=tuple(p) if isinstance(p := call.precision, list) else p,
     )
     # Head dims zero-padded to a power of two >= 16 (Triton's tiles; q . k is unchanged,
     # the padded value columns are sliced off).

@@ -64,12 +64,15 @@ def orthogonal_features(rng: jax.Array, num_features: int, dim: int) -> jax.Arra
     return rows * norms[:, None]
 
 
-def positive_features(x: jax.Array, projection: jax.Array, *, is_query: bool) -> jax.Array:
+def positive_features(
+    x: jax.Array, projection: jax.Array, *, is_query: bool, precision: Any = None
+) -> jax.Array:
     """FAVOR+ features ``exp(w_m . x - |x|^2 / 2) / sqrt(m)`` of ``x [..., dim]`` (already
     scaled by ``scale ** 0.5``), for queries divided by their own row maximum (which
     cancels in the attention ratio); for keys their logarithm, which
     :func:`~attn_jax.kernels.feature_maps.prefix_attention` and :class:`Recurrence`
     exponentiate with one stabilising shift per sequence and head (``key_logits=True``).
+    ``precision``: of the projection's matmul (``jax.lax.Precision``).
 
     No per-feature shift is applied: both factors of a feature's product stay near 1 for
     keys and queries of moderate norm at any head_dim. (Shifting keys by ``|w_m|^2 / 2``
@@ -77,7 +80,7 @@ def positive_features(x: jax.Array, projection: jax.Array, *, is_query: bool) ->
     ``exp(-dim / 2)``, which underflows float32 to 0 from head_dim ~200 on: every output 0.)
     """
     x = x.astype(jnp.float32)
-    logits = jnp.einsum("...d,md->...m", x, projection) - 0.5 * jnp.sum(
+    logits = jnp.einsum("...d,md->...m", x, projection, precision=precision) - 0.5 * jnp.sum(
         x * x, axis=-1, keepdims=True
     )
     if not is_query:
@@ -106,7 +109,9 @@ def _projection(options: dict[str, Any], dim: int) -> jax.Array:
 
 def _features(x: jax.Array, is_query: bool, options: dict[str, Any]) -> jax.Array:
     root = math.sqrt(options["scale"])
-    return positive_features(x * root, _projection(options, x.shape[-1]), is_query=is_query)
+    projection = _projection(options, x.shape[-1])
+    precision = options.get("precision")
+    return positive_features(x * root, projection, is_query=is_query, precision=precision)
 
 
 def _feature_dim(head_dim: int, options: dict[str, Any]) -> int:
@@ -146,7 +151,7 @@ def performer_attention(
       chunk_size: causal chunk length.
     """
     options = {"rng": rng, "projection": projection, "num_features": num_features}
-    options["scale"] = call.scale
+    options["scale"], options["precision"] = call.scale, call.precision
     options["projection"] = _projection(options, call.query.shape[-1])  # drawn once
     options["rng"] = None
     features = lambda x, is_query: _features(x, is_query, options)
