@@ -1,6 +1,7 @@
 """Every registered dot_product kernel under jax.vmap, with GQA and several blocks or
-chunks: over a leading batch axis (the kernel then sees no batch dimension) and over a
-head-group axis, equal to the kernel's own batch and heads.
+chunks: over a leading batch axis (the kernel then sees no batch dimension; values and
+per-example gradients) and over a head-group axis, equal to the kernel's own batch and
+heads.
 
 jaxlib 0.10.2's XLA:CPU crashed (a segmentation fault in its "ynn" reduce fusion) on the
 chunked kernel's combination of key-chunk summaries under vmap, a product summed over a
@@ -12,6 +13,7 @@ process if such an operation came back.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,6 +55,11 @@ def test_vmap_over_a_leading_batch_axis_equals_the_kernels_own_batch(name):
     expected = jax.jit(fn)(q, k, v)
     vmapped = jax.jit(jax.vmap(fn))(q, k, v)  # each call: [length, heads, dim], no batch
     np.testing.assert_allclose(vmapped, expected, rtol=1e-5, atol=1e-5)
+    # Per-example gradients: vmap over grad equals the gradient of the summed loss.
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))
+    per_example = jax.jit(jax.vmap(grad))(q, k, v)
+    for got, want in zip(per_example, jax.jit(grad)(q, k, v), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
