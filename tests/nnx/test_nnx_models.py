@@ -52,6 +52,15 @@ def test_nnx_twins_equal_linen_on_the_same_weights_both_ways(name):
     expected = linen.apply({"params": params}, *inputs)
     twin = attn_nnx.from_linen(linen, params)
     np.testing.assert_allclose(twin(*inputs), expected, rtol=0, atol=1e-6)
+    # The same parameter gradients (NNX's as the linen tree).
+    linen_loss = lambda p: jnp.sum(linen.apply({"params": p}, *inputs) ** 2)
+    linen_grads = jax.jit(jax.grad(linen_loss))(params)
+    nnx_grads = nnx.jit(nnx.grad(lambda model: jnp.sum(model(*inputs) ** 2)))(twin)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+        nnx.to_pure_dict(nnx_grads),
+        jax.tree.map(np.asarray, linen_grads),
+    )
     back, back_params = attn_nnx.to_linen(twin)
     assert back == linen
     jax.tree.map(np.testing.assert_array_equal, back_params, jax.tree.map(np.asarray, params))
