@@ -228,7 +228,8 @@ def bind(
         dropout_rate=rate,
         dropout_rng=a["dropout_rng"] if rate > 0.0 else None,
         broadcast_dropout=bool(a["broadcast_dropout"]),
-        precision=a["precision"],
+        # Hashable: blockwise kernels carry it in their static layouts.
+        precision=tuple(p) if isinstance(p := a["precision"], list) else p,
         out_dtype=out_dtype,
         return_weights=bool(a["return_weights"]),
         return_residual=bool(a["return_residual"]),

@@ -52,7 +52,7 @@ class _Static:
     segments: bool
     interpret: bool
     dtype: Any  # storage dtype of the matmul operands
-    precision: Any  # the call's `precision` for every matmul (hashable)
+    precision: Any  # the call's `precision` for every matmul
 
 
 def _dot(st: _Static, a: jax.Array, b: jax.Array, *, transpose_b: bool = False) -> jax.Array:
@@ -420,7 +420,7 @@ def pallas_flash_attention(
         segments=call.visibility.query_segment_ids is not None,
         interpret=interpret,
         dtype=blockwise.storage_dtype(query, key, value),
-        precision=tuple(p) if isinstance(p := call.precision, list) else p,
+        precision=call.precision,
     )
     # Head dims zero-padded to a power of two >= 16 (Triton's tiles; q . k is unchanged,
     # the padded value columns are sliced off).
